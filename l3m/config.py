@@ -1,0 +1,267 @@
+"""Run and domain configuration: one pydantic model, loaded from YAML, drives a run.
+
+Every model uses ``extra="forbid"`` so a typo in a YAML file is an error, not a silently
+ignored key. Strategy sections are discriminated unions on ``kind`` so a YAML file picks the
+implementation (see ``l3m.masking`` and ``l3m.tuning`` for the registries behind them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Where relative data/model locations resolve when the config does not say otherwise. The
+# default points at the assets shipped beside a checkout (``../shared``); users with internet
+# pass hub names / URLs, which are used as given.
+ENV_DATA_ROOT = "L3M_DATA_ROOT"
+ENV_MODEL_ROOT = "L3M_MODEL_ROOT"
+ENV_OUTPUT_ROOT = "L3M_OUTPUT_ROOT"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SHARED = PROJECT_ROOT.parent / "shared"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message says where."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, protected_namespaces=())
+
+
+class SplitSource(Strict):
+    """Where one split comes from: a local path (relative to the data root) or a URL."""
+
+    path: str
+    format: Literal["jsonl", "json", "csv", "parquet", "auto"] = "auto"
+
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        suffix = self.path.split("?")[0].rsplit(".", 1)[-1].lower()
+        mapping = {"jsonl": "jsonl", "json": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet"}
+        if suffix not in mapping:
+            raise ConfigError(f"cannot infer the format of {self.path!r}; set format: jsonl|csv|parquet")
+        return mapping[suffix]
+
+
+class SplitSpec(Strict):
+    """How to make a missing dev/test split: a seeded, stratified carve-out of train."""
+
+    dev_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    seed: int = 42
+
+
+class ValidationSpec(Strict):
+    """Thresholds of the data checks (l3m.data.validation). Errors stop a run, warnings report."""
+
+    min_chars: int = 1
+    max_chars: int = 100_000
+    min_rows_per_split: int = 10
+    min_examples_per_class: int = 5
+    max_imbalance_ratio: float = 50.0
+    max_duplicate_fraction: float = 0.05
+    # Checks named here are downgraded to warnings (e.g. a domain known to be messy).
+    downgrade: list[str] = Field(default_factory=list)
+
+
+class DomainConfig(Strict):
+    """A labelled text-classification domain."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$")
+    description: str = ""
+    data_root: str | None = None  # default: $L3M_DATA_ROOT or ../shared/data
+    splits: dict[Literal["train", "dev", "test"], SplitSource]
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    # Declared label set; when absent it is the sorted set of labels seen in train.
+    labels: list[str] | None = None
+    unlabelled: SplitSource | None = None  # plain-text in-domain corpus, one text per line
+    metric: Literal["accuracy", "macro_f1"] = "macro_f1"
+    split_spec: SplitSpec = Field(default_factory=SplitSpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+
+    @field_validator("splits")
+    @classmethod
+    def _needs_train(cls, v: dict[str, SplitSource]) -> dict[str, SplitSource]:
+        if "train" not in v:
+            raise ValueError("splits must include 'train'")
+        return v
+
+    def resolve(self, location: str) -> str:
+        """Resolve a split/corpus location: URLs and absolute paths as given, else under data_root."""
+        if "://" in location or os.path.isabs(location):
+            return location
+        root = self.data_root or os.environ.get(ENV_DATA_ROOT) or str(DEFAULT_SHARED / "data")
+        return str(Path(root) / location)
+
+
+class ModelSpec(Strict):
+    """The pretrained masked LM. A hub name (``roberta-base``) or a local path."""
+
+    name_or_path: str = "minilm-l6-mlm"
+    revision: str | None = None
+    max_length: int = Field(128, ge=8, le=4096)
+
+    def resolved(self) -> str:
+        """A bare name that exists under the model root resolves there (offline default)."""
+        p = Path(self.name_or_path)
+        if p.is_absolute() or p.exists():
+            return str(p)
+        root = Path(os.environ.get(ENV_MODEL_ROOT) or DEFAULT_SHARED / "models")
+        if (root / self.name_or_path).exists():
+            return str(root / self.name_or_path)
+        return self.name_or_path  # a hub id: transformers resolves it
+
+
+class ScoringSpec(Strict):
+    """Vanilla-model token likelihood (PLL) scoring, see l3m.scoring."""
+
+    metric: Literal["original", "within_word_l2r"] = "within_word_l2r"
+    mode: Literal["exact", "strided"] = "exact"
+    stride: int = Field(4, ge=2)  # k for the strided (k-pass) approximation
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    token_budget: int = Field(8192, ge=256)
+    shard_size: int = Field(256, ge=1)
+    limit: int | None = Field(None, ge=1)  # score only the first N texts per split (smoke runs)
+    store_dir: str | None = None  # default: <output_root>/scores
+
+
+class MaskingSpec(Strict):
+    kind: Literal["none", "random", "l3", "selective"] = "l3"
+    rate: float = Field(0.15, gt=0, lt=1)
+    mode: Literal["paper", "calibrated"] = "calibrated"  # l3 only
+    whole_word: bool = False
+    delta: float = 0.0  # selective only: confidence gain threshold (Gu et al. 2020)
+    mask_replace: float = 0.8
+    random_replace: float = 0.1
+
+
+class TunerSpec(Strict):
+    kind: Literal["full", "child_f", "child_d", "weight_mask"] = "full"
+    reserve_p: float = Field(0.3, gt=0, le=1)  # child_f / child_d
+    scope: str = "layer"  # child_d: parameter-name substring of the Fisher-selected set
+    tau: float = 0.01  # weight_mask threshold
+    initial_sparsity: float = Field(0.05, ge=0, lt=1)
+    train_head: bool = True
+    mask_lr: float = 1e-3
+
+
+class TrainingSpec(Strict):
+    seeds: list[int] = Field(default_factory=lambda: [1])
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    mlm_weight: float = Field(1.0, ge=0)  # lambda in L = L_cls + lambda * L_mlm
+    use_unlabelled: bool = False
+    early_stopping_patience: int = 3
+    eval_steps: int | None = None
+    fp16_on_cuda: bool = True
+    train_limit: int | None = Field(None, ge=1)  # subsample train (smoke runs)
+
+
+class RegistrySpec(Strict):
+    promote_margin: float = 0.0
+    build_bento: bool = False
+
+
+class RunConfig(Strict):
+    """A whole run: one domain, one base model and the strategies to compare."""
+
+    domain: DomainConfig
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec)
+    strategies: list[MaskingSpec] = Field(default_factory=lambda: [MaskingSpec()])
+    tuners: list[TunerSpec] = Field(default_factory=lambda: [TunerSpec()])
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    registry: RegistrySpec = Field(default_factory=RegistrySpec)
+    output_dir: str | None = None  # default: $L3M_OUTPUT_ROOT/<domain> or ./runs/<domain>
+
+    @model_validator(mode="after")
+    def _unique_strategies(self) -> RunConfig:
+        kinds = [s.kind for s in self.strategies]
+        if len(kinds) != len(set(kinds)):
+            raise ValueError(f"strategies repeat a kind: {kinds}")
+        return self
+
+    def resolved_output_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        root = os.environ.get(ENV_OUTPUT_ROOT) or str(Path.cwd() / "runs")
+        return Path(root) / self.domain.name
+
+    def score_store_dir(self) -> Path:
+        if self.scoring.store_dir:
+            return Path(self.scoring.store_dir)
+        root = os.environ.get(ENV_OUTPUT_ROOT) or str(Path.cwd() / "runs")
+        return Path(root) / "scores"
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[k] = nxt
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """``key.sub=value`` strings; values are parsed as YAML (so ``3``, ``true``, ``[1,2]`` work)."""
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not key=value")
+        key, raw = pair.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from YAML.
+
+    A file that holds just a domain (top-level ``name``/``splits``) is wrapped as
+    ``{"domain": ...}`` so ``domains/*.yaml`` work directly as run configs. A ``domain`` value
+    that is a string is a path to a domain file, relative to the run config.
+    """
+    p = Path(path)
+    data = _read_yaml(p)
+    if "splits" in data and "domain" not in data:
+        data = {"domain": data}
+    if isinstance(data.get("domain"), str):
+        data["domain"] = _read_yaml((p.parent / data["domain"]).resolve())
+    for key, value in parse_overrides(overrides or []):
+        _set_path(data, key, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{p}: invalid config"]
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  - {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
