@@ -1,0 +1,185 @@
+"""Reading a trained model directory and running it: the one place serving touches weights.
+
+The registry (what gets copied into the BentoML store), the service (what gets loaded in
+``__init__``) and the tests (offline predictions) all go through these functions, so a model
+format change — e.g. a ``weight_mask`` run that stores a bit-packed mask and a head instead of
+full weights — is handled here once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+META_FILE = "l3m.json"
+# Keys of l3m.json the registry and the service rely on (architecture.md, "Trained model directory").
+REQUIRED_KEYS = ("domain", "label_names", "metrics", "base_model", "max_length", "strategy", "tuner")
+# Pickle-based weight files are refused: loading them executes arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class ModelDirError(ValueError):
+    """A model directory that does not satisfy the trained-model contract."""
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """The parsed ``l3m.json``; ``raw`` keeps every key (also ones added later by training)."""
+
+    domain: str
+    label_names: list[str]
+    metrics: dict[str, dict[str, float]]
+    metric: str
+    strategy: str
+    tuner: str
+    base_model: str
+    base_revision: str | None
+    max_length: int
+    text_pair: bool
+    data_fingerprint: str | None
+    score_key: str | None
+    code_version: str | None
+    config: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def dev_score(self) -> float | None:
+        value = self.metrics.get("dev", {}).get(self.metric)
+        return None if value is None else float(value)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelMeta:
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        if missing:
+            raise ModelDirError(f"{META_FILE} lacks {missing}")
+        labels = data["label_names"]
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise ModelDirError(f"{META_FILE}: label_names must be a non-empty list of strings")
+        metrics = data["metrics"]
+        if not isinstance(metrics, dict):
+            raise ModelDirError(f"{META_FILE}: metrics must be a mapping {{split: {{name: value}}}}")
+        return cls(
+            domain=str(data["domain"]),
+            label_names=list(labels),
+            metrics={str(k): dict(v) for k, v in metrics.items()},
+            # macro_f1 is the config default (l3m.config.DomainConfig.metric).
+            metric=str(data.get("metric") or "macro_f1"),
+            strategy=str(data["strategy"]),
+            tuner=str(data["tuner"]),
+            base_model=str(data["base_model"]),
+            base_revision=data.get("base_revision"),
+            max_length=int(data["max_length"]),
+            text_pair=bool(data.get("text_pair", False)),
+            data_fingerprint=data.get("data_fingerprint"),
+            score_key=data.get("score_key"),
+            code_version=data.get("code_version"),
+            config=dict(data.get("config") or {}),
+            raw=dict(data),
+        )
+
+
+def read_meta(model_dir: str | Path) -> ModelMeta:
+    path = Path(model_dir) / META_FILE
+    if not path.is_file():
+        raise ModelDirError(f"{model_dir}: no {META_FILE}; not a trained model directory")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: expected a JSON object")
+    return ModelMeta.from_dict(data)
+
+
+def check_model_dir(model_dir: str | Path) -> ModelMeta:
+    """Validate a directory before it is registered: metadata, safetensors weights, no pickles."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelDirError(f"{model_dir}: not a directory")
+    meta = read_meta(root)
+    pickles = sorted(p.name for p in root.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelDirError(f"{model_dir}: pickle-based files are not accepted (safetensors only): {pickles}")
+    if not any(root.glob("*.safetensors")):
+        raise ModelDirError(f"{model_dir}: no *.safetensors weights")
+    if not (root / "config.json").is_file():
+        raise ModelDirError(f"{model_dir}: no config.json (save_pretrained output expected)")
+    if meta.dev_score() is None:
+        raise ModelDirError(f"{model_dir}: metrics.dev.{meta.metric} missing; promotion needs it")
+    return meta
+
+
+def load_classifier(model_path: str | Path) -> tuple[Any, Any, ModelMeta]:
+    """(model in eval mode, tokenizer, meta) from a trained model directory or a store copy.
+
+    Full-weight directories load with ``from_pretrained(use_safetensors=True)``. The
+    ``weight_mask`` tuner's compact format (mask + head over the base model) is to be rebuilt
+    here as well once training writes it, so callers never learn the difference.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root = Path(model_path)
+    meta = read_meta(root)
+    if not (root / "config.json").is_file():
+        raise ModelDirError(f"{root}: no config.json; compact ({meta.tuner}) model formats are not supported yet")
+    model = AutoModelForSequenceClassification.from_pretrained(str(root), use_safetensors=True)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(root))
+    n_out = int(model.config.num_labels)
+    if n_out != len(meta.label_names):
+        raise ModelDirError(f"{root}: model has {n_out} outputs, {META_FILE} names {len(meta.label_names)} labels")
+    return model, tokenizer, meta
+
+
+def predict(
+    model: Any,
+    tokenizer: Any,
+    meta: ModelMeta,
+    texts: list[str],
+    pairs: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Label, score, probability map and truncation flag per text, in one padded forward pass.
+
+    Encoding is the project-wide ``tokenizer(text, text_pair, truncation=True,
+    max_length=meta.max_length)`` so served predictions equal offline ones.
+    """
+    import torch
+
+    if not texts:
+        return []
+    enc = tokenizer(texts, pairs, truncation=True, max_length=meta.max_length)
+    truncated = _truncated_flags(tokenizer, meta.max_length, texts, pairs, enc["input_ids"])
+    batch = tokenizer.pad(enc, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**batch).logits
+    probs = torch.softmax(logits.float(), dim=-1).tolist()
+    labels = meta.label_names
+    out = []
+    for row, trunc in zip(probs, truncated, strict=True):
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append(
+            {
+                "label": labels[best],
+                "score": row[best],
+                "probabilities": dict(zip(labels, row, strict=True)),
+                "truncated": trunc,
+            }
+        )
+    return out
+
+
+def _truncated_flags(
+    tokenizer: Any, max_length: int, texts: list[str], pairs: list[str] | None, ids: list[list[int]]
+) -> list[bool]:
+    # Only rows that came out at exactly max_length can have been cut; re-encode just those
+    # without truncation instead of paying a second full tokenization for every request.
+    flags = [False] * len(texts)
+    full_rows = [i for i, row in enumerate(ids) if len(row) >= max_length]
+    if not full_rows:
+        return flags
+    sub_pairs = [pairs[i] for i in full_rows] if pairs is not None else None
+    full = tokenizer([texts[i] for i in full_rows], sub_pairs, truncation=False)["input_ids"]
+    for i, row in zip(full_rows, full, strict=True):
+        flags[i] = len(row) > max_length
+    return flags
