@@ -1,0 +1,155 @@
+"""The Tuner interface, its registry and the model-locating helpers every tuner shares.
+
+A tuner decides *which* weights a run changes and *how* a trained domain is stored. It never
+owns the training loop (that is ``l3m.train`` on transformers' Trainer); it plugs into it at
+four points, in the spirit of peft's tuners:
+
+1. ``prepare(model, fisher_batches)`` before the Trainer is built: wrap modules, freeze
+   parameters, estimate statistics (Child-Tuning_D's Fisher information);
+2. ``callbacks()``: TrainerCallbacks, e.g. gradient masking in ``on_pre_optimizer_step``;
+3. ``optimizer_param_groups(model, base_lr, weight_decay)``: ``None`` means the Trainer's own
+   optimizer groups, a list means "build AdamW over these groups";
+4. ``export(model, out_dir)`` / ``rebuild(base_model_path, out_dir)``: write the weights part
+   of the trained-model directory and read it back.
+
+The model handed to ``prepare`` may be the multi-task module of ``l3m.modeling`` (classifier +
+MLM head sharing one encoder) or a bare ``AutoModelForSequenceClassification``; tuners find
+what they need by parameter/module *name* (``find_classifier``, ``scoped_parameters``) so they
+do not depend on one model class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, TrainerCallback
+
+from l3m.config import TunerSpec
+
+FisherBatches = Callable[[], Iterable[dict[str, Any]]]
+
+# transformers' default "no weight decay" rule (Trainer.get_decay_parameter_names): biases
+# and normalisation weights are not decayed.
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+class Tuner:
+    """Plain fine-tuning semantics; subclasses override the hooks they need."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, spec: TunerSpec) -> None:
+        self.spec = spec
+
+    def prepare(self, model: nn.Module, fisher_batches: FisherBatches | None = None) -> nn.Module:
+        """Make ``model`` ready for training (wrap / freeze / estimate); returns the model to train."""
+        return model
+
+    def callbacks(self) -> list[TrainerCallback]:
+        return []
+
+    def optimizer_param_groups(
+        self, model: nn.Module, base_lr: float, weight_decay: float
+    ) -> list[dict[str, Any]] | None:
+        return None
+
+    def export(self, model: nn.Module, out_dir: Path) -> dict[str, int]:
+        """Write the classifier so ``AutoModelForSequenceClassification.from_pretrained`` loads it."""
+        out_dir = Path(out_dir)
+        find_classifier(model).save_pretrained(out_dir)
+        size = weights_bytes(out_dir)
+        # A fine-tuned domain costs a whole model copy: the number weight_mask is compared to.
+        return {"full_model_bytes": size, "task_bytes": size}
+
+    def rebuild(self, base_model_path: str | Path, out_dir: Path) -> nn.Module:
+        """The trained classifier from ``out_dir`` (the base is not needed for a full copy)."""
+        return AutoModelForSequenceClassification.from_pretrained(str(out_dir)).eval()
+
+
+_REGISTRY: dict[str, type[Tuner]] = {}
+
+
+def register_tuner(kind: str, cls: type[Tuner]) -> type[Tuner]:
+    """Register ``cls`` under ``kind`` (a ``TunerSpec.kind`` value); returns ``cls``."""
+    if kind in _REGISTRY and _REGISTRY[kind] is not cls:
+        raise ValueError(f"tuner kind {kind!r} is already registered to {_REGISTRY[kind].__name__}")
+    cls.kind = kind
+    _REGISTRY[kind] = cls
+    return cls
+
+
+def build_tuner(spec: TunerSpec) -> Tuner:
+    if spec.kind not in _REGISTRY:
+        raise KeyError(f"no tuner registered for kind {spec.kind!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[spec.kind](spec)
+
+
+def registered_tuners() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def find_classifier(model: nn.Module) -> PreTrainedModel:
+    """The AutoModelForSequenceClassification inside ``model`` (or ``model`` itself).
+
+    Order: a ``classifier_model`` attribute (the multi-task module's convention), the model
+    itself when it is a PreTrainedModel, else the first sub-module whose class name says
+    ``...ForSequenceClassification``.
+    """
+    found = getattr(model, "classifier_model", None)
+    if isinstance(found, PreTrainedModel):
+        return found
+    if isinstance(model, PreTrainedModel):
+        return model
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and "ForSequenceClassification" in type(module).__name__:
+            return module
+    raise TypeError(f"no sequence-classification PreTrainedModel found inside {type(model).__name__}")
+
+
+def head_prefixes(clf: PreTrainedModel) -> list[str]:
+    """Names (relative to ``clf``) of the top-level children that are not the base encoder.
+
+    For BERT that is ``classifier`` (+ ``dropout``), for RoBERTa ``classifier`` (dense +
+    out_proj): the task head that fine-tuning creates and every tuner trains.
+    """
+    base = clf.base_model_prefix
+    return [name for name, _ in clf.named_children() if name != base]
+
+
+def is_head_param(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def scoped_parameters(model: nn.Module, scope: str) -> Iterator[tuple[str, nn.Parameter]]:
+    """Trainable parameters whose name contains ``scope`` (Child-Tuning's ``'layer' in name``).
+
+    The match is case-sensitive like the authors' code: ``"layer"`` selects
+    ``encoder.layer.N.*`` and not ``LayerNorm``. Shared parameters appear once
+    (``named_parameters`` de-duplicates), so an encoder shared by two heads is counted once.
+    """
+    for name, param in model.named_parameters():
+        if param.requires_grad and scope in name:
+            yield name, param
+
+
+def split_decay(named: Iterable[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    decay, no_decay = [], []
+    for name, param in named:
+        (no_decay if any(nd in name for nd in NO_DECAY) else decay).append(param)
+    return decay, no_decay
+
+
+def weights_bytes(out_dir: Path) -> int:
+    """Bytes of the safetensors weight files ``save_pretrained`` wrote (shards summed)."""
+    return sum(p.stat().st_size for p in Path(out_dir).glob("model*.safetensors"))
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,68 @@
+"""Child-Tuning_F (Xu et al., EMNLP 2021, "Raise a Child in Large Language Model"), task-free.
+
+At every optimizer step each gradient element is kept with probability p and the kept ones are
+scaled by 1/p (eq. 6 of the paper: w <- w - lr * (g * M / p), M ~ Bernoulli(p)), so the
+expected gradient is unchanged while each step updates a random "child network".
+
+Where it plugs in: ``on_pre_optimizer_step``, which transformers' Trainer calls after gradient
+clipping and before ``optimizer.step()``. The authors' ``ChildTuningAdamW`` drew the mask inside
+``step()`` -- also after the Trainer's clipping -- so the order clip -> mask -> Adam is the same.
+Scope: the authors' optimizer applies the F mask to *every* parameter it holds (embeddings,
+encoder layers and classifier alike; only Child-Tuning_D restricts to names containing
+"layer"), and so do we: all trainable parameters. ``spec.scope`` is a Child-Tuning_D setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from l3m.tuning.base import FisherBatches, Tuner, register_tuner
+
+
+@torch.no_grad()
+def bernoulli_mask_gradients(params: list[nn.Parameter], p: float) -> None:
+    """In place: grad <- grad * M / p with a fresh M ~ Bernoulli(p) per element."""
+    if p >= 1.0:
+        return  # keeping everything: the mask is all ones and the scale 1
+    for param in params:
+        grad = param.grad
+        if grad is None:
+            continue
+        # bernoulli_ draws from the default generator of grad's device, which the Trainer seeds
+        # (args.seed), so a run is reproducible without a generator of our own.
+        keep = torch.empty_like(grad).bernoulli_(p)
+        grad.mul_(keep.div_(p))
+
+
+class ChildFCallback(TrainerCallback):
+    def __init__(self, params: list[nn.Parameter] | None, p: float) -> None:
+        self.params = params
+        self.p = p
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        params = self.params
+        if params is None:  # prepare() was not called: mask whatever the Trainer trains
+            params = [q for q in kwargs["model"].parameters() if q.requires_grad]
+        bernoulli_mask_gradients(params, self.p)
+
+
+class ChildFTuner(Tuner):
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self._params: list[nn.Parameter] | None = None
+
+    def prepare(self, model: nn.Module, fisher_batches: FisherBatches | None = None) -> nn.Module:
+        self._params = [q for q in model.parameters() if q.requires_grad]
+        return model
+
+    def callbacks(self) -> list[TrainerCallback]:
+        return [ChildFCallback(self._params, self.spec.reserve_p)]
+
+
+register_tuner("child_f", ChildFTuner)
