@@ -56,6 +56,22 @@ class SplitSpec(Strict):
     seed: int = 42
 
 
+class CleaningSpec(Strict):
+    """Repairs applied after the raw data is validated; the checks then run again on the result.
+
+    Each repair is off by default: a domain opts in, so the validation report always shows the
+    raw problem and the repair that handled it.
+    """
+
+    drop_empty: bool = False  # rows whose text is null or blank
+    unescape_html: bool = False  # &amp; -> &, <br> -> space
+    dedupe: bool = False  # exact (text, pair, label) duplicates within a split; conflicting labels dropped
+    drop_leaked_from_train: bool = False  # train rows whose text also appears in dev/test
+
+
+Severity = Literal["error", "warning", "off"]
+
+
 class ValidationSpec(Strict):
     """Thresholds of the data checks (l3m.data.validation). Errors stop a run, warnings report."""
 
@@ -64,9 +80,8 @@ class ValidationSpec(Strict):
     min_rows_per_split: int = 10
     min_examples_per_class: int = 5
     max_imbalance_ratio: float = 50.0
-    max_duplicate_fraction: float = 0.05
-    # Checks named here are downgraded to warnings (e.g. a domain known to be messy).
-    downgrade: list[str] = Field(default_factory=list)
+    # Per-check severity overrides, e.g. {train_test_leakage: warning}; see validation.CHECKS.
+    severity: dict[str, Severity] = Field(default_factory=dict)
 
 
 class DomainConfig(Strict):
@@ -84,6 +99,7 @@ class DomainConfig(Strict):
     unlabelled: SplitSource | None = None  # plain-text in-domain corpus, one text per line
     metric: Literal["accuracy", "macro_f1"] = "macro_f1"
     split_spec: SplitSpec = Field(default_factory=SplitSpec)
+    cleaning: CleaningSpec = Field(default_factory=CleaningSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
 
     @field_validator("splits")

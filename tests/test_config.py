@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from l3m.config import ConfigError, RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "domains").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_domain_configs_load(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.domain.name == path.stem
+    assert "train" in cfg.domain.splits
+
+
+def test_unknown_key_is_rejected_with_its_location(tmp_path: Path):
+    p = tmp_path / "c.yaml"
+    p.write_text("domain:\n  name: x\n  splits: {train: {path: a.jsonl}}\n  txt_field: body\n")
+    with pytest.raises(ConfigError, match=r"domain\.txt_field: Extra inputs are not permitted"):
+        load_config(p)
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path: Path):
+    cfg = load_config(ROOT / "domains" / "citation_intent.yaml",
+                      ["training.seeds=[1,2,3]", "model.max_length=64", "scoring.mode=strided"])
+    assert cfg.training.seeds == [1, 2, 3]
+    assert cfg.model.max_length == 64
+    assert cfg.scoring.mode == "strided"
+
+
+def test_bad_override_value_names_the_key():
+    with pytest.raises(ConfigError, match="model.max_length"):
+        load_config(ROOT / "domains" / "citation_intent.yaml", ["model.max_length=2"])
+
+
+def test_missing_and_malformed_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("domain: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
+
+
+def test_run_config_may_point_at_a_domain_file(tmp_path: Path):
+    run = tmp_path / "run.yaml"
+    run.write_text(f"domain: {ROOT / 'domains' / 'chemprot.yaml'}\ntraining: {{seeds: [7]}}\n")
+    cfg = load_config(run)
+    assert cfg.domain.name == "chemprot" and cfg.training.seeds == [7]
+
+
+def test_model_name_resolves_to_shared_models_or_stays_a_hub_id(shared_model):
+    cfg = load_config(ROOT / "domains" / "citation_intent.yaml")
+    assert Path(cfg.model.resolved()).resolve() == shared_model.resolve()
+    cfg2 = load_config(ROOT / "domains" / "citation_intent.yaml", ["model.name_or_path=roberta-base"])
+    assert cfg2.model.resolved() == "roberta-base"
