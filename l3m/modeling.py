@@ -1,0 +1,117 @@
+"""The multi-task model: one shared encoder, a classification head and the pretrained MLM head.
+
+Built from two transformers models so that the pieces keep their standard behaviour:
+
+* ``classifier_model`` = ``AutoModelForSequenceClassification.from_pretrained(base)``: encoder
+  + task head (for BERT: pooled first token, dropout, linear). This is what gets exported, so
+  serving loads a plain ``AutoModelForSequenceClassification``.
+* ``mlm_model`` = ``AutoModelForMaskedLM.from_pretrained(base)`` whose encoder is *replaced*
+  by the classifier's (shared), its decoder re-tied to the shared input embeddings, so the
+  MLM head keeps its pretrained weights (the authors start from RobertaForMaskedLM too).
+
+Loss (L3Masking Sec. 3, the authors' fixed-weight "default" task weighting):
+    L = L_cls(clean input) + lambda * L_mlm(masked copy of the same texts).
+The MLM head is applied only at selected positions: the vocabulary projection is the
+dominant MLM cost, and the loss equals transformers' (mean CE over non -100 labels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class MultiTaskOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def share_encoder(classifier: PreTrainedModel, mlm: PreTrainedModel) -> None:
+    """Point ``mlm`` at the classifier's encoder and re-tie its decoder to the shared embeddings."""
+    setattr(mlm, mlm.base_model_prefix, classifier.base_model)
+    out = mlm.get_output_embeddings()
+    if out is not None and getattr(mlm.config, "tie_word_embeddings", True):
+        out.weight = classifier.get_input_embeddings().weight
+
+
+class MultiTaskModel(nn.Module):
+    # Read by Trainer when it reloads a checkpoint.
+    _keys_to_ignore_on_save = None
+
+    def __init__(self, classifier_model: PreTrainedModel, mlm_model: PreTrainedModel | None = None,
+                 mlm_weight: float = 1.0) -> None:
+        super().__init__()
+        self.classifier_model = classifier_model
+        self.mlm_model = mlm_model
+        self.mlm_weight = mlm_weight
+        self.last_losses: dict[str, torch.Tensor] = {}
+        heads = [] if mlm_model is None else [
+            m for n, m in mlm_model.named_children() if n != mlm_model.base_model_prefix
+        ]
+        # One head module (BERT ``cls``, RoBERTa ``lm_head``) can be applied to gathered
+        # positions; other layouts fall back to the model's own forward.
+        self._mlm_head = heads[0] if len(heads) == 1 else None
+
+    @property
+    def config(self):  # noqa: ANN201  (Trainer reads model.config)
+        return self.classifier_model.config
+
+    def mlm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 token_type_ids: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        assert self.mlm_model is not None
+        kwargs = {"attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        if self._mlm_head is None:
+            return self.mlm_model(input_ids=input_ids, labels=labels, **kwargs).loss
+        hidden = self.classifier_model.base_model(input_ids=input_ids, **kwargs)[0]
+        selected = labels != -100
+        logits = self._mlm_head(hidden[selected])
+        # Sum / max(count, 1): a batch with nothing selected contributes 0, not NaN.
+        loss = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+        return loss / selected.sum().clamp_min(1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
+                **_: object) -> MultiTaskOutput:
+        kwargs = {"attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.classifier_model(input_ids=input_ids, labels=labels, **kwargs)
+        loss = out.loss
+        use_mlm = (self.training and self.mlm_model is not None and mlm_input_ids is not None
+                   and mlm_labels is not None and self.mlm_weight > 0)
+        if use_mlm and loss is not None:
+            mlm = self.mlm_loss(mlm_input_ids, attention_mask, token_type_ids, mlm_labels)
+            self.last_losses = {"cls_loss": loss.detach(), "mlm_loss": mlm.detach()}
+            loss = loss + self.mlm_weight * mlm
+        return MultiTaskOutput(loss=loss, logits=out.logits)
+
+
+def alias_names(model: nn.Module) -> set[str]:
+    """State-dict names that share storage with another name (the shared encoder, tied decoder)."""
+    by_ptr: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        by_ptr.setdefault(tensor.data_ptr(), []).append(name)
+    return {n for names in by_ptr.values() if len(names) > 1 for n in names}
+
+
+def build_multitask_model(base: str, label_names: list[str], *, with_mlm: bool, mlm_weight: float = 1.0,
+                          revision: str | None = None) -> MultiTaskModel:
+    id2label = dict(enumerate(label_names))
+    classifier = AutoModelForSequenceClassification.from_pretrained(
+        base, revision=revision, num_labels=len(label_names), id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+    )
+    mlm = None
+    if with_mlm:
+        mlm = AutoModelForMaskedLM.from_pretrained(base, revision=revision)
+        share_encoder(classifier, mlm)
+    return MultiTaskModel(classifier, mlm, mlm_weight=mlm_weight)

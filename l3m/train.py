@@ -1,0 +1,331 @@
+"""Train one (masking strategy, tuner, seed) run with transformers' Trainer and write the
+trained-model directory (docs/architecture.md, "Trained model directory").
+
+What the Trainer gives for free and we keep: mixed precision on GPU, gradient accumulation,
+checkpointing and resume, early stopping on the dev metric with the best checkpoint restored
+(so test is measured at the best dev checkpoint), seeding, the progress bar. What we add:
+
+* one collator per run (``l3m.masking``) whose MLM selection reads precomputed columns;
+  evaluation uses a clean (``none``) collator so masking draws never depend on the eval
+  schedule;
+* checkpoints of the multi-task module saved with shared tensors de-duplicated (encoder and
+  tied decoder appear under two names);
+* the tuner hooks (``l3m.tuning``): prepare / callbacks / optimizer groups / export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import (
+    AutoTokenizer,
+    EarlyStoppingCallback,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from l3m.config import MaskingSpec, RunConfig, TunerSpec
+from l3m.data.loading import LoadedDomain, encode_kwargs
+from l3m.evaluate import compute_metrics, full_report, report_markdown
+from l3m.masking import MaskingCollator, build_masking
+from l3m.modeling import alias_names, build_multitask_model
+
+RUN_RECORD = "run.json"
+
+
+@dataclass
+class TrainInputs:
+    """What a run needs besides the config: the data and the precomputed per-token columns.
+
+    ``token_logp`` / ``selective_mask`` are aligned with ``loaded.dataset["train"]`` rows and
+    each array has the length of that row's ``input_ids`` (the scoring contract).
+    """
+
+    loaded: LoadedDomain
+    token_logp: list[np.ndarray] | None = None
+    selective_mask: list[np.ndarray] | None = None
+    score_key: str | None = None
+
+
+@dataclass
+class RunRecord:
+    domain: str
+    strategy: str
+    tuner: str
+    seed: int
+    metrics: dict[str, dict[str, Any]]
+    masking: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    median_step_seconds: float = 0.0
+    global_steps: int = 0
+    best_checkpoint: str | None = None
+    model_dir: str = ""
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> RunRecord:
+        return cls(**json.loads(path.read_text()))
+
+
+def global_word_ids(enc: Any, i: int | None = None) -> list[int]:
+    """Word index per token, unique across the two segments of a pair, -1 at special tokens."""
+    words = enc.word_ids(i) if i is not None else enc.word_ids()
+    seqs = enc.sequence_ids(i) if i is not None else enc.sequence_ids()
+    out, last, gid = [], None, -1
+    for w, s in zip(words, seqs, strict=True):
+        if w is None:
+            out.append(-1)
+            continue
+        if (w, s) != last:
+            gid, last = gid + 1, (w, s)
+        out.append(gid)
+    return out
+
+
+def encode(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, has_pair: bool) -> Dataset:
+    def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        pair = batch["text_pair"] if has_pair else None
+        enc = tokenizer(batch["text"], pair, return_special_tokens_mask=True, **encode_kwargs(max_length))
+        out = dict(enc)
+        if tokenizer.is_fast:
+            out["word_ids"] = [global_word_ids(enc, i) for i in range(len(batch["text"]))]
+        return out
+
+    return ds.map(fn, batched=True, desc="tokenize")
+
+
+def attach(ds: Dataset, name: str, arrays: list[np.ndarray]) -> Dataset:
+    """Add a per-token float column, checking each array matches its row's token count."""
+    if len(arrays) != ds.num_rows:
+        raise ValueError(f"{name}: {len(arrays)} arrays for {ds.num_rows} rows")
+    lengths = [len(ids) for ids in ds["input_ids"]]
+    for i, (a, n) in enumerate(zip(arrays, lengths, strict=True)):
+        if a is None or len(a) != n:
+            raise ValueError(f"{name}: row {i} has {None if a is None else len(a)} values for {n} tokens "
+                             "(scores computed with another tokenizer or max_length?)")
+    return ds.add_column(name, [np.asarray(a, dtype=np.float32).tolist() for a in arrays])
+
+
+def encode_domain(inputs: TrainInputs, tokenizer: PreTrainedTokenizerBase, max_length: int) -> DatasetDict:
+    loaded = inputs.loaded
+    ds = DatasetDict({k: encode(v, tokenizer, max_length, loaded.has_pair) for k, v in loaded.dataset.items()})
+    if inputs.token_logp is not None:
+        ds["train"] = attach(ds["train"], "token_logp", inputs.token_logp)
+    if inputs.selective_mask is not None:
+        ds["train"] = attach(ds["train"], "selective_mask", inputs.selective_mask)
+    return ds
+
+
+class MultiTaskTrainer(Trainer):
+    """Trainer with a clean eval collator and shared-tensor-safe checkpoints."""
+
+    def __init__(self, *args: Any, eval_collator: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_collator = eval_collator
+
+    def _with_eval_collator(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        train_collator = self.data_collator
+        self.data_collator = self.eval_collator or train_collator
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.data_collator = train_collator
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        return self._with_eval_collator(super().evaluate, *args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        return self._with_eval_collator(super().predict, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        out = Path(output_dir or self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        # save_model drops aliases of shared tensors; Trainer reloads with strict=False, and
+        # loading one name of a shared tensor restores it for all its names.
+        safetensors.torch.save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(out)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(out)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # Names dropped as aliases of a shared tensor are not missing.
+        aliases = alias_names(self.model)
+        missing = [k for k in load_result.missing_keys if k not in aliases]
+        if missing or load_result.unexpected_keys:
+            raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {load_result.unexpected_keys}")
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (collation included: it happens inside the step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._t)
+
+
+class LossParts(TrainerCallback):
+    """Add the last step's classification and MLM losses to the Trainer's logs."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, model: Any = None,
+               **kw: Any) -> None:
+        parts = getattr(model, "last_losses", None)
+        if logs is not None and parts and "loss" in logs:
+            logs.update({k: round(float(v), 4) for k, v in parts.items()})
+
+
+def code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        import l3m
+
+        return getattr(l3m, "__version__", "unknown")
+
+
+def _mixed_precision(cfg: RunConfig) -> dict[str, bool]:
+    if not (torch.cuda.is_available() and cfg.training.fp16_on_cuda):
+        return {}
+    return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
+
+
+def _build_tuner(spec: TunerSpec) -> Any:
+    from l3m.tuning import build_tuner
+
+    return build_tuner(spec)
+
+
+def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed: int, inputs: TrainInputs,
+              out_dir: str | Path, *, resume: bool = True, keep_checkpoints: bool = False,
+              tokenizer: PreTrainedTokenizerBase | None = None, encoded: DatasetDict | None = None) -> RunRecord:
+    """Train, pick the best dev checkpoint, evaluate dev+test, export ``out_dir/model``.
+
+    A finished run (``out_dir/run.json`` present) is returned as is when ``resume``; an
+    interrupted one continues from its last checkpoint.
+    """
+    out_dir = Path(out_dir)
+    record_path = out_dir / RUN_RECORD
+    if resume and record_path.exists():
+        return RunRecord.load(record_path)
+    t_cfg, loaded = cfg.training, inputs.loaded
+    base = cfg.model.resolved()
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(base, revision=cfg.model.revision)
+    encoded = encoded or encode_domain(inputs, tokenizer, cfg.model.max_length)
+    train_ds = encoded["train"]
+    if t_cfg.train_limit:
+        train_ds = train_ds.shuffle(seed=seed).select(range(min(t_cfg.train_limit, train_ds.num_rows)))
+    strategy = build_masking(masking)
+    missing = [c for c in strategy.columns if c not in train_ds.column_names]
+    if missing:
+        raise ValueError(f"masking {masking.kind!r} needs column(s) {missing}; see l3m.experiment.prepare_inputs")
+
+    torch.manual_seed(seed)  # classifier head init is part of the seed
+    model = build_multitask_model(base, loaded.label_names, with_mlm=strategy.uses_mlm,
+                                  mlm_weight=t_cfg.mlm_weight, revision=cfg.model.revision)
+    collator = MaskingCollator(tokenizer, strategy, seed=seed)
+    eval_collator = MaskingCollator(tokenizer, build_masking(MaskingSpec(kind="none")))
+
+    def fisher_batches() -> Any:
+        loader = torch.utils.data.DataLoader(train_ds, batch_size=t_cfg.batch_size, shuffle=True,
+                                             collate_fn=MaskingCollator(tokenizer, strategy, seed=seed),
+                                             generator=torch.Generator().manual_seed(seed))
+        return iter(loader)
+
+    tuner = _build_tuner(tuner_spec)
+    model = tuner.prepare(model, fisher_batches)
+    metric = loaded_metric(cfg)
+    steps_per_epoch = math.ceil(train_ds.num_rows / (t_cfg.batch_size * t_cfg.grad_accum))
+    total = t_cfg.max_steps if t_cfg.max_steps > 0 else math.ceil(steps_per_epoch * t_cfg.epochs)
+    strategy_kw: dict[str, Any] = (
+        {"eval_strategy": "steps", "eval_steps": t_cfg.eval_steps, "save_strategy": "steps", "save_steps": t_cfg.eval_steps}
+        if t_cfg.eval_steps else {"eval_strategy": "epoch", "save_strategy": "epoch"}
+    )
+    args = TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"), seed=seed, data_seed=seed,
+        per_device_train_batch_size=t_cfg.batch_size, per_device_eval_batch_size=max(64, t_cfg.batch_size),
+        gradient_accumulation_steps=t_cfg.grad_accum, learning_rate=t_cfg.lr, weight_decay=t_cfg.weight_decay,
+        warmup_steps=int(total * t_cfg.warmup_ratio), num_train_epochs=t_cfg.epochs, max_steps=t_cfg.max_steps,
+        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True,
+        logging_steps=max(1, min(50, steps_per_epoch // 2)), report_to=[], remove_unused_columns=False,
+        label_names=["labels"], dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        **strategy_kw, **_mixed_precision(cfg),
+    )
+    groups = tuner.optimizer_param_groups(model, t_cfg.lr, t_cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=t_cfg.lr) if groups else None
+    timer = StepTimer()
+    trainer = MultiTaskTrainer(
+        model=model, args=args, data_collator=collator, eval_collator=eval_collator,
+        train_dataset=train_ds, eval_dataset=encoded["dev"], processing_class=tokenizer,
+        compute_metrics=compute_metrics, optimizers=(optimizer, None),
+        callbacks=[EarlyStoppingCallback(t_cfg.early_stopping_patience), timer, LossParts(), *tuner.callbacks()],
+    )
+    ckpts = sorted((out_dir / "checkpoints").glob("checkpoint-*")) if resume else []
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if ckpts else None)
+    train_seconds = time.perf_counter() - t0
+
+    reports = {}
+    for split in ("dev", "test"):
+        pred = trainer.predict(encoded[split])
+        reports[split] = full_report(pred.label_ids, pred.predictions.argmax(-1), loaded.label_names)
+    model_dir = out_dir / "model"
+    tuner.export(trainer.model, model_dir)
+    tokenizer.save_pretrained(model_dir)
+    meta = {
+        "domain": cfg.domain.name, "label_names": loaded.label_names, "metrics": reports, "metric": metric,
+        "strategy": masking.model_dump(), "tuner": tuner_spec.model_dump(), "seed": seed,
+        "base_model": cfg.model.name_or_path, "base_revision": cfg.model.revision,
+        "config": cfg.model_dump(mode="json"), "data_fingerprint": loaded.fingerprint,
+        "score_key": inputs.score_key if masking.kind == "l3" else None,
+        "max_length": cfg.model.max_length, "text_pair": loaded.has_pair, "code_version": code_version(),
+        "masking_stats": collator.stats.as_dict(),
+    }
+    (model_dir / "l3m.json").write_text(json.dumps(meta, indent=2))
+    (out_dir / "report.md").write_text(
+        f"# {cfg.domain.name}: {masking.kind} / {tuner_spec.kind} / seed {seed}\n\n"
+        + report_markdown(reports["dev"], "dev (best checkpoint)") + "\n" + report_markdown(reports["test"], "test")
+    )
+    record = RunRecord(
+        domain=cfg.domain.name, strategy=masking.kind, tuner=tuner_spec.kind, seed=seed,
+        metrics={s: {k: r[k] for k in ("accuracy", "macro_f1", "n")} for s, r in reports.items()},
+        masking=collator.stats.as_dict(), train_seconds=round(train_seconds, 2),
+        median_step_seconds=statistics.median(timer.times) if timer.times else 0.0,
+        global_steps=trainer.state.global_step, best_checkpoint=trainer.state.best_model_checkpoint,
+        model_dir=str(model_dir),
+    )
+    record.save(record_path)
+    if not keep_checkpoints:
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    return record
+
+
+def loaded_metric(cfg: RunConfig) -> str:
+    """The dev metric early stopping and checkpoint selection watch (the domain's metric)."""
+    return cfg.domain.metric
