@@ -211,7 +211,7 @@ def promote(tag: str, force: bool = False, *, margin: float = 0.0) -> RegisterRe
 
 def rollback(domain: str) -> RegisterResult:
     """Restore the production version that preceded the current one; the current becomes candidate."""
-    store_tags = {str(m.tag) for m in _store().list(model_name(domain))}
+    store_tags = {str(m.tag) for m in _store().list() if m.tag.name == model_name(domain)}
     with locked_ledger(registry_home()) as ledger:
         state = domain_state(ledger, domain)
         current = state["production"]

@@ -51,7 +51,7 @@ def write_meta(out: Path, *, dev: float, domain: str = "citation_intent", text_p
     (out / "l3m.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
-def build_model_dir(out: Path, *, steps: int = 12, seed: int = 0, dev: float = 0.5) -> Path:
+def build_model_dir(out: Path, *, steps: int = 8, seed: int = 0, dev: float = 0.5) -> Path:
     """A small fine-tuned classifier directory honouring the trained-model contract."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -83,10 +83,59 @@ def build_model_dir(out: Path, *, steps: int = 12, seed: int = 0, dev: float = 0
     return out
 
 
+def build_tiny_model_dir(out: Path) -> Path:
+    """A randomly initialised 2-layer BERT classifier (a few MB): registry tests that only move
+    files around do not need the real weights, and copying 90 MB per version is slow here."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    labels = label_names()
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                        label2id={n: i for i, n in enumerate(labels)})
+    out.mkdir(parents=True, exist_ok=True)
+    BertForSequenceClassification(config).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(BASE_MODEL)).save_pretrained(str(out))
+    write_meta(out, dev=0.5)
+    return out
+
+
 def copy_with_dev(src: Path, out: Path, dev: float, **meta_kw: Any) -> Path:
     """Same weights, different recorded dev score (promotion tests need better/worse versions)."""
     import shutil
 
     shutil.copytree(src, out)
     write_meta(out, dev=dev, **meta_kw)
+    return out
+
+
+def trained_model_dir(base_temp: Path) -> Path:
+    """The fine-tuned directory, built once per pytest session (shared by the test modules)."""
+    out = base_temp / "l3m-trained-citation_intent"
+    if not (out / "l3m.json").exists():
+        build_model_dir(out)
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def offline_predictions(model_dir: Path, texts: list[str]) -> list[dict[str, Any]]:
+    """Reference predictions: one unpadded forward pass per text, the offline-evaluation encoding."""
+    import torch
+
+    from serving.model_io import load_classifier
+
+    model, tok, meta = load_classifier(model_dir)
+    out = []
+    with torch.inference_mode():
+        for text in texts:
+            enc = tok(text, None, truncation=True, max_length=meta.max_length, return_tensors="pt")
+            probs = torch.softmax(model(**enc).logits[0], dim=-1).tolist()
+            best = max(range(len(probs)), key=probs.__getitem__)
+            out.append({"label": meta.label_names[best], "probabilities": dict(zip(meta.label_names, probs, strict=True))})
     return out

@@ -1,0 +1,114 @@
+"""Request/response types and limits of the classification service.
+
+All input validation is expressed in these pydantic types on purpose: BentoML validates the
+request body against them *before* a request joins an adaptive batch, so one bad request is
+answered 400 on its own instead of failing every request batched with it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
+
+DEFAULT_DOMAIN = "citation_intent"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else int(raw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service knobs, read from the environment once at import (the service is built from them)."""
+
+    model_tag: str | None  # L3M_MODEL_TAG; None: production model of `domain`
+    domain: str  # L3M_DOMAIN
+    max_texts: int  # L3M_MAX_TEXTS: texts per request
+    max_body_bytes: int  # L3M_MAX_BODY_BYTES: request body size limit (413 above it)
+    batching: bool  # L3M_BATCHING=off serves every request on its own (batch size 1)
+    max_batch_size: int  # L3M_MAX_BATCH_SIZE: texts per adaptive batch
+    max_latency_ms: int  # L3M_MAX_LATENCY_MS: BentoML sheds (503) requests queued longer than this
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            model_tag=os.environ.get("L3M_MODEL_TAG") or None,
+            domain=os.environ.get("L3M_DOMAIN") or DEFAULT_DOMAIN,
+            max_texts=_env_int("L3M_MAX_TEXTS", 64),
+            max_body_bytes=_env_int("L3M_MAX_BODY_BYTES", 1 << 20),
+            batching=os.environ.get("L3M_BATCHING", "on").lower() not in ("0", "off", "false", "no"),
+            max_batch_size=_env_int("L3M_MAX_BATCH_SIZE", 64),
+            # Generous on purpose: shedding load shows up as 5xx, and the latency/throughput
+            # trade-off is governed by the batch size, not by this cut-off.
+            max_latency_ms=_env_int("L3M_MAX_LATENCY_MS", 30_000),
+        )
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("text is empty or whitespace only")
+    return value
+
+
+# StrictStr: numbers, null, lists... are rejected instead of being coerced to strings.
+Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+
+
+class TextPair(BaseModel):
+    """One input of a sentence-pair domain."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: Text
+    text_pair: Text
+
+
+def _listify(value: Any) -> Any:
+    # "One text or a list": a bare item becomes a one-item list, so the API stays batchable
+    # (BentoML batches along the list).
+    return [value] if isinstance(value, str | dict) else value
+
+
+def texts_type(text_pair: bool, max_texts: int) -> Any:
+    """The ``texts`` field type for a domain: plain texts, or pairs (object or 2-list)."""
+    item: Any = TextPair | tuple[Text, Text] if text_pair else Text
+    return Annotated[list[item], BeforeValidator(_listify), Field(min_length=1, max_length=max_texts)]
+
+
+def split_items(items: list[Any]) -> tuple[list[str], list[str] | None]:
+    """Validated items -> (texts, text_pairs or None), the tokenizer's two arguments."""
+    if not items or isinstance(items[0], str):
+        return list(items), None
+    texts, pairs = [], []
+    for item in items:
+        a, b = (item.text, item.text_pair) if isinstance(item, TextPair) else item
+        texts.append(a)
+        pairs.append(b)
+    return texts, pairs
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float = Field(description="probability of the predicted label")
+    probabilities: dict[str, float] = Field(description="probability of every label")
+    truncated: bool = Field(description="the text was longer than the model's max_length and was cut")
+
+
+class Metadata(BaseModel):
+    model_tag: str
+    domain: str
+    labels: list[str]
+    metric: str
+    metrics: dict[str, dict[str, float]]
+    base_model: str
+    base_revision: str | None
+    strategy: str
+    tuner: str
+    max_length: int
+    text_pair: bool
+    code_version: str | None
+    max_texts: int
+    batching: bool
