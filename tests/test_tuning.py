@@ -32,15 +32,18 @@ from l3m.tuning.child_f import ChildFCallback
 VOCAB, LABELS = 64, 3
 
 
-@pytest.fixture(scope="session")
-def base_dir(tmp_path_factory) -> Path:
+def save_tiny_base(path: Path) -> Path:
     """A tiny MLM checkpoint (like the real one: no pooler weights in it)."""
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=32)
-    path = tmp_path_factory.mktemp("tiny_base")
     BertForMaskedLM(cfg).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("tiny_base"))
 
 
 class TinyMultiTask(nn.Module):
