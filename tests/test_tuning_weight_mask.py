@@ -115,7 +115,6 @@ def test_export_does_not_disturb_the_global_rng(base_dir, tmp_path):
     assert torch.equal(after, torch.rand(3))
 
 
-@pytest.mark.slow
 def test_real_model_mask_is_a_small_fraction_of_the_full_model(shared_model, tmp_path):
     """minilm-l6-mlm: export sizes and an exact rebuild of the real classifier."""
     clf = AutoModelForSequenceClassification.from_pretrained(shared_model, num_labels=5)
