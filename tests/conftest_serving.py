@@ -51,7 +51,7 @@ def write_meta(out: Path, *, dev: float, domain: str = "citation_intent", text_p
     (out / "l3m.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
-def build_model_dir(out: Path, *, steps: int = 8, seed: int = 0, dev: float = 0.5) -> Path:
+def build_model_dir(out: Path, *, steps: int = 4, seed: int = 0, dev: float = 0.5) -> Path:
     """A small fine-tuned classifier directory honouring the trained-model contract."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -1,0 +1,233 @@
+"""The classification service over HTTP: a real `bentoml serve` subprocess, plus in-process ASGI.
+
+The server runs on 127.0.0.1 on a free port with its own BENTOML_HOME holding one registered
+(production) model, so it exercises the default model resolution as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest_serving import free_port, offline_predictions, read_split, trained_model_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_TEXTS = 8
+MAX_BODY = 64 * 1024
+SERVER_ENV = {
+    "BENTOML_DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "L3M_MAX_TEXTS": str(MAX_TEXTS),
+    "L3M_MAX_BODY_BYTES": str(MAX_BODY),
+    "L3M_MAX_BATCH_SIZE": "16",
+}
+
+
+@contextlib.contextmanager
+def env(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return trained_model_dir(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, model_dir) -> Path:
+    from serving import registry
+
+    h = tmp_path_factory.mktemp("served-bentoml")
+    with env(BENTOML_HOME=str(h)):
+        assert registry.register(model_dir).promoted
+    return h
+
+
+@pytest.fixture(scope="module")
+def server(home, tmp_path_factory) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("server-log") / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "serving.service:L3MClassifier",
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=os.environ | SERVER_ENV | {"BENTOML_HOME": str(home)},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180  # bounded: a slow, shared CPU, not a hang
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready in time:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this fixture started, nothing else
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+def test_health_and_metadata(client, home):
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    meta = client.get("/metadata").json()
+    tag = json.loads((home / "l3m-registry.json").read_text())["domains"]["citation_intent"]["production"]
+    assert meta["model_tag"] == tag  # no L3M_MODEL_TAG: the domain's production model is served
+    assert meta["domain"] == "citation_intent" and meta["labels"][0] == "Background"
+    assert meta["metrics"]["dev"]["macro_f1"] == 0.5 and meta["strategy"] == "l3"
+    assert meta["base_model"].endswith("minilm-l6-mlm") and meta["max_texts"] == MAX_TEXTS
+
+
+def test_one_text_or_a_list(client):
+    one = client.post("/classify", json={"texts": "We use the parser of Collins ( 1997 ) ."})
+    assert one.status_code == 200
+    (pred,) = one.json()
+    assert set(pred) == {"label", "score", "probabilities", "truncated"}
+    assert pred["label"] == max(pred["probabilities"], key=pred["probabilities"].get)
+    assert pred["score"] == pred["probabilities"][pred["label"]]
+    assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    many = client.post("/classify", json={"texts": ["first text", "second text", "third"]})
+    assert many.status_code == 200 and len(many.json()) == 3
+
+
+def test_served_equals_offline_on_test_split(client, model_dir):
+    texts = [r["text"] for r in read_split("test")]
+    chunks = [texts[i:i + MAX_TEXTS] for i in range(0, len(texts), MAX_TEXTS)]
+    # Concurrent requests so they are adaptively batched (padded together) on the server.
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda c: client.post("/classify", json={"texts": c}), chunks))
+    assert all(r.status_code == 200 for r in responses)
+    served = [p for r in responses for p in r.json()]
+    offline = offline_predictions(model_dir, texts)
+    assert [s["label"] for s in served] == [o["label"] for o in offline]
+    for s, o in zip(served, offline, strict=True):
+        assert s["probabilities"] == pytest.approx(o["probabilities"], abs=1e-4)
+
+
+def test_long_text_is_truncated_and_flagged_not_rejected(client):
+    r = client.post("/classify", json={"texts": ["citation " * 500, "short one"]})
+    assert r.status_code == 200
+    assert [p["truncated"] for p in r.json()] == [True, False]
+
+
+BAD_BODIES = [
+    ({"texts": ""}, "empty or whitespace"),
+    ({"texts": "  \n\t "}, "empty or whitespace"),
+    ({"texts": ["fine", " "]}, "empty or whitespace"),
+    ({"texts": [1]}, "valid string"),
+    ({"texts": ["ok", None]}, "valid string"),
+    ({"texts": 5}, "valid array"),
+    ({"texts": [["a", "b"]]}, "valid string"),  # a pair sent to a single-text domain
+    ({"texts": []}, "at least 1"),
+    ({"texts": ["x"] * (MAX_TEXTS + 1)}, f"at most {MAX_TEXTS}"),
+    ({"text": "wrong field"}, "Field required"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_BODIES)
+def test_invalid_input_is_a_clear_400(client, body, message):
+    r = client.post("/classify", json=body)
+    assert r.status_code == 400, r.text
+    assert message in json.dumps(r.json())
+
+
+def test_malformed_json_is_400(client):
+    r = client.post("/classify", content=b'{"texts": ["unterminated', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+
+
+def test_oversize_body_is_413_declared_or_streamed(client):
+    big = json.dumps({"texts": ["word " * (MAX_BODY // 4)]}).encode()
+    r = client.post("/classify", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["error"]
+
+    def chunked():  # no Content-Length: the limit must hold on the streamed bytes too
+        for i in range(0, len(big), 8192):
+            yield big[i:i + 8192]
+
+    r = client.post("/classify", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_bad_requests_do_not_fail_good_ones_batched_with_them(client):
+    bodies = [{"texts": [f"good text {i}"]} if i % 2 else {"texts": [""]} for i in range(24)]
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda b: client.post("/classify", json=b).status_code, bodies))
+    assert codes == [200 if i % 2 else 400 for i in range(24)]
+
+
+# ---------------------------------------------------------------- in-process (to_asgi) --------
+
+
+@pytest.fixture(scope="module")
+def asgi_client(home):
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+    from starlette.testclient import TestClient
+
+    settings = SERVER_ENV | {"BENTOML_HOME": str(home)}
+    with env(**settings):
+        # BentoML caches its home on first use (earlier tests may have used another store).
+        BentoMLContainer.bentoml_home.set(str(home))
+        BentoMLContainer.model_store.set(ModelStore(str(home / "models")))
+        from serving.service import L3MClassifier
+
+        with TestClient(L3MClassifier.to_asgi()) as c:
+            yield c
+
+
+def test_asgi_classify_metadata_and_errors(asgi_client):
+    r = asgi_client.post("/classify", json={"texts": ["We extend the model of Smith ( 2001 ) ."]})
+    assert r.status_code == 200 and r.json()[0]["label"]
+    assert asgi_client.get("/metadata").json()["domain"] == "citation_intent"
+    assert asgi_client.post("/classify", json={"texts": [" "]}).status_code == 400
+    big = json.dumps({"texts": ["w " * MAX_BODY]})
+    assert asgi_client.post("/classify", content=big).status_code == 413
+
+
+def test_asgi_readyz_follows_is_ready(asgi_client):
+    import bentoml
+
+    svc = bentoml.get_current_service()
+    assert asgi_client.get("/readyz").status_code == 200
+    svc._ready = False  # what __init__ holds until the model is loaded and warmed up
+    try:
+        assert asgi_client.get("/readyz").status_code == 503
+    finally:
+        svc._ready = True
+    assert asgi_client.get("/readyz").status_code == 200
