@@ -32,11 +32,11 @@ from l3m.tuning.child_f import ChildFCallback
 VOCAB, LABELS = 64, 3
 
 
-def save_tiny_base(path: Path) -> Path:
+def save_tiny_base(path: Path, vocab_size: int = VOCAB) -> Path:
     """A tiny MLM checkpoint (like the real one: no pooler weights in it)."""
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32)
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
     BertForMaskedLM(cfg).save_pretrained(path)
     return path
 

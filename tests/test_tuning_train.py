@@ -1,18 +1,17 @@
 """Every tuner through the real training entry point (l3m.train.train_one), with L3 masking.
 
-A 2-layer BERT with the shared tokenizer, a 48-row toy domain, 2 epochs: checks the hooks are
+A 2-layer BERT with the shared tokenizer, the 60-row toy domain, 1 epoch: checks the hooks are
 wired where training runs them (prepare before the Trainer, callbacks, optimizer groups,
 checkpoint restore at the best dev epoch, export) and that what was exported is what trained.
 """
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForMaskedLM
+from test_tuning import save_tiny_base
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from l3m.config import DEFAULT_SHARED, DomainConfig, MaskingSpec, RunConfig, TunerSpec
 from l3m.tuning import build_tuner, registered_tuners
@@ -20,29 +19,16 @@ from l3m.tuning import build_tuner, registered_tuners
 train = pytest.importorskip("l3m.train")
 loading = pytest.importorskip("l3m.data.loading")
 
-WORDS = {"pos": "good great fine lovely excellent".split(), "neg": "bad awful poor terrible dreadful".split()}
 
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("tiny-bert")
+@pytest.fixture
+def setup(tmp_path_factory, toy_domain):
+    """The tiny BERT with the shared tokenizer, the conftest toy domain, fake L3 scores."""
     tok = AutoTokenizer.from_pretrained(DEFAULT_SHARED / "models" / "minilm-l6-mlm")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertForMaskedLM(cfg).save_pretrained(model_dir)
+    model_dir = save_tiny_base(tmp_path_factory.mktemp("tiny-bert"), vocab_size=tok.vocab_size)
     tok.save_pretrained(model_dir)
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("dev", 16), ("test", 16)):
-        with open(root / f"{split}.jsonl", "w") as fh:
-            for i in range(n):
-                label = ("pos", "neg")[i % 2]
-                words = rng.choice(WORDS[label], 4).tolist() + ["the", "film", "was", str(i)]
-                fh.write(json.dumps({"text": " ".join(rng.permutation(words)), "label": label}) + "\n")
-    domain = DomainConfig(name="toy", data_root=str(root),
-                          splits={s: {"path": f"{s}.jsonl"} for s in ("train", "dev", "test")})
+    domain = DomainConfig(**toy_domain())
     loaded = loading.load_domain(domain)
+    rng = np.random.default_rng(0)
     logp = []
     for row in loaded.dataset["train"]:
         ids = tok(row["text"], truncation=True, max_length=32)["input_ids"]
@@ -56,11 +42,11 @@ def setup(tmp_path_factory):
 def test_every_tuner_through_train_one(setup, tmp_path, kind):
     model_dir, domain, inputs = setup
     cfg = RunConfig(domain=domain, model={"name_or_path": str(model_dir), "max_length": 32},
-                    training={"epochs": 2, "batch_size": 8, "lr": 1e-3, "fp16_on_cuda": False},
+                    training={"epochs": 1, "batch_size": 8, "lr": 1e-3, "fp16_on_cuda": False},
                     output_dir=str(tmp_path))
     spec = TunerSpec(kind=kind, mask_lr=1e-2)
     rec = train.train_one(cfg, MaskingSpec(kind="l3"), spec, seed=3, inputs=inputs, out_dir=tmp_path / kind)
-    assert rec.global_steps == 12 and rec.tuner == kind
+    assert rec.global_steps == 8 and rec.tuner == kind
     out = tmp_path / kind / "model"
     served = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
