@@ -145,3 +145,40 @@ def test_whole_word_draws_once_per_word(tok):
         in_w = words == w
         per_row = sel[in_w].view(len(feats), -1)
         assert (per_row.all(1) | ~per_row.any(1)).all()  # all subwords of a word or none
+
+
+class _CountingClassifier(torch.nn.Module):
+    """P(label 1) = sigmoid(number of occurrences of ``hit`` in the unpadded input)."""
+
+    def __init__(self, hit):
+        super().__init__()
+        self.hit = hit
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        from types import SimpleNamespace
+
+        hits = ((input_ids == self.hit) & (attention_mask == 1)).sum(1).float()
+        return SimpleNamespace(logits=torch.stack([torch.zeros_like(hits), hits], dim=1))
+
+
+def test_selective_prefix_gains_batched_and_capped(tok):
+    from l3m.masking.selective import _prefix_rows, compute_selective_masks, is_stopword, prefix_gold_probs
+
+    rows = _prefix_rows([101, 5, 6, 102, 7, 102], [1, 0, 0, 1, 0, 1], [0, 0, 0, 0, 1, 1])
+    assert [r[0] for r in rows] == [[101, 102, 102], [101, 5, 102, 102], [101, 5, 6, 102, 102], [101, 5, 6, 102, 7, 102]]
+    assert rows[1][1] == [0, 0, 0, 1]  # token types follow their tokens
+    assert is_stopword("the") and is_stopword("##,") and not is_stopword("parsing")
+    hit = tok.convert_tokens_to_ids("language")
+    ids = [101, 1996, hit, 3000, hit, 4000, 102]  # [CLS] the language paris language tears [SEP]
+    encs = [{"input_ids": ids}, {"input_ids": ids[:4] + [102]}]
+    model = _CountingClassifier(hit)
+    big = prefix_gold_probs(model, tok, encs, [1, 0], token_budget=10_000)
+    small = prefix_gold_probs(model, tok, encs, [1, 0], token_budget=8)  # many tiny batches
+    assert all(np.allclose(a, b) for a, b in zip(big, small, strict=True))
+    assert len(big[0]) == 6 and np.all(np.diff(big[0])[[1, 3]] > 0.05)  # gains at the two hits
+    masks = compute_selective_masks(model, tok, [{"input_ids": ids}], [1], rate=0.5, delta=0.01)
+    assert masks[0].tolist() == [0, 0, 1, 0, 1, 0, 0]
+    capped = compute_selective_masks(model, tok, [{"input_ids": ids}], [1], rate=0.25, delta=0.01)
+    assert capped[0].tolist() == [0, 0, 1, 0, 0, 0, 0]  # the larger gain wins (0.5 -> 0.73 beats 0.73 -> 0.88)
+    # Gold label 0: the hits lower its probability, so nothing is important; "the" is a stopword anyway.
+    assert compute_selective_masks(model, tok, [{"input_ids": ids}], [0], rate=0.5, delta=0.0)[0].sum() == 0
