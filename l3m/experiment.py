@@ -234,8 +234,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", help="key.sub=value (YAML values)")
     ap.add_argument("--summarize-only", action="store_true", help="rebuild the table from finished runs")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="score the train texts into the store and write the token view, train nothing")
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
+    if a.prepare_only:
+        exp_dir = cfg.resolved_output_dir()
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        print(f"tokenview: {write_token_view(cfg, prepare_inputs(cfg), exp_dir)}")
+        return
     if a.summarize_only:
         paths = write_results(cfg.resolved_output_dir(), title=f"{cfg.domain.name} ({cfg.model.name_or_path})")
     else:

@@ -114,3 +114,18 @@ def test_shared_encoder_and_pretrained_mlm_head(tiny_model):
     ours = model.mlm_loss(ids, torch.ones_like(ids), None, labels)
     theirs = mlm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint(domain, tiny_model, tmp_path):
+    """An interrupted run (checkpoints, no run.json) continues from its last checkpoint."""
+    cfg = _cfg(domain, tiny_model, tmp_path)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    loaded = load_domain(domain)
+    inputs = TrainInputs(loaded, token_logp=_fake_logp(loaded, tok))
+    first = train_one(cfg, MaskingSpec(kind="l3"), TunerSpec(), 5, inputs, tmp_path / "r", keep_checkpoints=True)
+    (tmp_path / "r" / "run.json").unlink()
+    again = train_one(cfg, MaskingSpec(kind="l3"), TunerSpec(), 5, inputs, tmp_path / "r")
+    assert again.global_steps == first.global_steps == 12
+    assert again.median_step_seconds == 0.0  # no step was trained again
+    assert again.metrics["test"] == first.metrics["test"]
