@@ -1,0 +1,94 @@
+"""Scorer keys: what identifies a set of scores, so a changed model or setting invalidates them.
+
+A key is readable (model name, metric, length, mode) plus a hash over everything that changes a
+score: the model weights (file contents for a local model; the hub revision otherwise), the
+tokenizer files, the metric, max_length, mode and (strided only) the stride. The compute dtype
+is deliberately not part of it: it changes scores by rounding only (docs/scoring.md gives the
+measured size), and consumers look scores up without knowing which device produced them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+
+# Files whose bytes define a model's weights / its tokenizer, in a local model directory.
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.h5", "*.msgpack", "config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "added_tokens.json",
+)
+_CHUNK = 1 << 20
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file; cached on (path, size, mtime) so a process hashes each model once."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    st = path.stat()
+    return _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def model_fingerprint(model_path_or_name: str, revision: str | None = None) -> dict[str, str]:
+    """Digests of the weight and tokenizer files (local dir) or the hub id + revision."""
+    p = Path(model_path_or_name)
+    if p.is_dir():
+        weights = sorted({f for pat in WEIGHT_PATTERNS for f in p.glob(pat) if f.is_file()})
+        if not any(f.name != "config.json" for f in weights):
+            raise FileNotFoundError(f"no weight files in model directory {p}")
+        tok = [p / n for n in TOKENIZER_FILES if (p / n).is_file()]
+        return {
+            "weights": _combine({f.name: file_digest(f) for f in weights}),
+            "tokenizer": _combine({f.name: file_digest(f) for f in tok}),
+        }
+    # A hub id: the revision pins weights and tokenizer together. Without one, the key can only
+    # say "whatever main is": record that, so a user who wants invalidation pins a revision.
+    return {"hub": model_path_or_name, "revision": revision or os.environ.get("L3M_HUB_REVISION", "main")}
+
+
+def _combine(parts: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def scorer_key(
+    model_path_or_name: str,
+    revision: str | None,
+    metric: str,
+    max_length: int,
+    mode: str = "exact",
+    stride: int = 4,
+) -> str:
+    """``<model>.<metric>.L<max_length>.<mode>[k<stride>].<hash16>``, e.g.
+    ``minilm-l6-mlm.within_word_l2r.L128.exact.3f0c...``. Safe as a directory name."""
+    fp = model_fingerprint(str(model_path_or_name), revision)
+    spec = {"model": fp, "metric": metric, "max_length": int(max_length), "mode": mode}
+    if mode == "strided":
+        spec["stride"] = int(stride)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_\-]+", "-", Path(str(model_path_or_name).rstrip("/")).name)[:40]
+    mode_tag = f"strided{int(stride)}" if mode == "strided" else mode
+    return f"{name}.{metric}.L{int(max_length)}.{mode_tag}.{digest}"
+
+
+def item_key(scorer: str, text: str, text_pair: str | None) -> str:
+    """Content hash of (scorer key, text, text_pair); a None pair differs from an empty one."""
+    payload = json.dumps([scorer, text, text_pair], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()

@@ -1,0 +1,197 @@
+"""A packed, padding-free forward of BERT-family encoders for PLL scoring (exact math).
+
+Why not ``model(input_ids)``: a PLL batch holds n masked copies of each text, and only one
+hidden state per copy (the target's) is ever read. Three things make this forward cheaper than
+the library one while computing the same function:
+
+1. No padding. All copies of a text have the same length L, so the linear layers run on the
+   copies' tokens packed into one [T, d] matrix (T = sum of copy lengths, one big GEMM per
+   weight), and attention runs per group of equal-length copies, without an attention mask.
+2. Query, key and value projections are fused into one [d, 3d] GEMM.
+3. The last layer is evaluated only where it is read. Its keys and values are needed at every
+   position, but the query, attention output, output projection and feed-forward block only at
+   the target rows: for a 12 d^2-per-token layer that leaves 2 d^2 per non-target token.
+   (For one target per copy that is 10 d^2 of 72 d^2 per token saved on a 6-layer model.)
+
+Mixed precision follows autocast's rule (matmuls in the low dtype, residual stream, LayerNorm
+and softmax statistics in float32) but with the weights cast once, not on every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows per chunk of the row-local blocks (projections, LayerNorm, feed-forward): 2048 x 4d
+# float32 = 12 MB for MiniLM, cache-sized; at 8k rows the GELU/LayerNorm passes go to memory.
+ROW_CHUNK = 2048
+
+
+@dataclass
+class Group:
+    """``c`` masked copies of equal length ``L`` on the compute device."""
+
+    input_ids: torch.Tensor  # long [c, L], masked
+    token_type_ids: torch.Tensor | None  # long [c, L]
+    targets: torch.Tensor  # long [c, m], -1 where a copy has fewer than m targets
+
+
+@dataclass
+class _Layer:
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor
+    w_o: torch.Tensor
+    b_o: torch.Tensor
+    ln1: nn.LayerNorm
+    w_i: torch.Tensor
+    b_i: torch.Tensor
+    act: Callable[[torch.Tensor], torch.Tensor]
+    w_o2: torch.Tensor
+    b_o2: torch.Tensor
+    ln2: nn.LayerNorm
+    erf_gelu: bool  # the activation is exact GELU, so it can be fused into the GEMM
+
+
+def supports_packed(model: nn.Module) -> bool:
+    """BERT-layout encoders (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA) with absolute positions."""
+    cfg = getattr(model, "config", None)
+    base = getattr(model, "base_model", None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if cfg is None or layers is None or len(layers) == 0 or getattr(base, "embeddings", None) is None:
+        return False
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        return False
+    if getattr(cfg, "position_embedding_type", "absolute") not in ("absolute", None):
+        return False
+    lay = layers[0]
+    try:
+        _ = (lay.attention.self.query, lay.attention.output.dense, lay.attention.output.LayerNorm)
+        _ = (lay.intermediate.dense, lay.intermediate.intermediate_act_fn, lay.output.dense)
+        _ = lay.output.LayerNorm
+    except AttributeError:
+        return False
+    return True
+
+
+class PackedEncoder:
+    """Runs ``model.base_model`` on packed groups and returns the hidden states of the targets."""
+
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype, onednn: bool = True) -> None:
+        if not supports_packed(model):
+            raise ValueError(f"{type(model).__name__} has no BERT-layout encoder")
+        base: Any = model.base_model
+        cfg: Any = model.config
+        self.embeddings = base.embeddings
+        self.n_heads: int = cfg.num_attention_heads
+        self.dtype = compute_dtype
+        self.hidden_act = getattr(cfg, "hidden_act", None)
+        self.onednn = (
+            onednn and hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+        )
+        self.layers = [self._extract(lay) for lay in base.encoder.layer]
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(self.dtype).contiguous()
+
+    def _extract(self, lay: Any) -> _Layer:
+        sa, so = lay.attention.self, lay.attention.output
+        w_qkv = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight], 0)
+        b_qkv = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias], 0)
+        return _Layer(
+            self._cast(w_qkv), self._cast(b_qkv),
+            self._cast(so.dense.weight), self._cast(so.dense.bias), so.LayerNorm,
+            self._cast(lay.intermediate.dense.weight), self._cast(lay.intermediate.dense.bias),
+            lay.intermediate.intermediate_act_fn,
+            self._cast(lay.output.dense.weight), self._cast(lay.output.dense.bias), lay.output.LayerNorm,
+            self.hidden_act == "gelu",
+        )  # fmt: skip
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if self.onednn and x.device.type == "cpu":
+            # oneDNN GEMM with the bias (and erf-GELU) in its epilogue: one pass over the output
+            # instead of three; measured 1.3-2x faster than F.linear + gelu at 1-2k rows here.
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu" if gelu else "none", [], "none")
+        y = F.linear(x, w, b)
+        return F.gelu(y) if gelu else y
+
+    def _lin_rows(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``_lin`` over row chunks of ``x`` (a projection is row-local), into one output."""
+        if x.shape[0] <= ROW_CHUNK:
+            return self._lin(x, w, b)
+        out = torch.empty(x.shape[0], w.shape[0], dtype=self.dtype, device=x.device)
+        for a in range(0, x.shape[0], ROW_CHUNK):
+            out[a : a + ROW_CHUNK] = self._lin(x[a : a + ROW_CHUNK], w, b)
+        return out
+
+    def _ffn(self, lay: _Layer, ctx: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        # BertSelfOutput, BertIntermediate, BertOutput; residual sums and LayerNorm in float32.
+        # Row-local, so it runs in row chunks that keep the [rows, 4d] intermediate in cache.
+        out = torch.empty_like(resid)
+        for a in range(0, resid.shape[0], ROW_CHUNK):
+            h = lay.ln1(
+                self._lin(ctx[a : a + ROW_CHUNK], lay.w_o, lay.b_o).float() + resid[a : a + ROW_CHUNK]
+            )
+            if lay.erf_gelu:
+                inter = self._lin(h, lay.w_i, lay.b_i, gelu=True)
+            else:
+                inter = lay.act(self._lin(h, lay.w_i, lay.b_i))
+            out[a : a + ROW_CHUNK] = lay.ln2(self._lin(inter, lay.w_o2, lay.b_o2).float() + h)
+        return out
+
+    def _heads(self, x: torch.Tensor, c: int, L: int, k: int) -> torch.Tensor:
+        # [c*L, k*d] -> [k][c, h, L, dh] views (no copies: SDPA takes strided inputs)
+        return x.view(c, L, k, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+
+    def forward(self, groups: Sequence[Group]) -> torch.Tensor:
+        """Hidden states [N, d] (float32) at the valid targets, in group, copy, slot order."""
+        shapes = [(g.input_ids.shape[0], g.input_ids.shape[1]) for g in groups]
+        x = torch.cat(
+            [
+                self.embeddings(input_ids=g.input_ids, token_type_ids=g.token_type_ids).reshape(c * L, -1)
+                for g, (c, L) in zip(groups, shapes, strict=True)
+            ]
+        ).float()
+        offsets = [0]
+        for c, L in shapes:
+            offsets.append(offsets[-1] + c * L)
+        for lay in self.layers[:-1]:
+            qkv = self._lin_rows(x, lay.w_qkv, lay.b_qkv)
+            ctx = torch.empty(x.shape[0], x.shape[1], dtype=qkv.dtype, device=x.device)
+            for (c, L), a, b in zip(shapes, offsets[:-1], offsets[1:], strict=True):
+                q, k, v = self._heads(qkv[a:b], c, L, 3)
+                o = F.scaled_dot_product_attention(q, k, v)  # [c, h, L, dh]
+                ctx[a:b].view(c, L, self.n_heads, -1).copy_(o.transpose(1, 2))
+            x = self._ffn(lay, ctx, x)
+        return self._last_layer(self.layers[-1], x, groups, shapes, offsets)
+
+    def _last_layer(
+        self,
+        lay: _Layer,
+        x: torch.Tensor,
+        groups: Sequence[Group],
+        shapes: list[tuple[int, int]],
+        offsets: list[int],
+    ) -> torch.Tensor:
+        d = x.shape[1]
+        w_q, w_kv = lay.w_qkv[:d], lay.w_qkv[d:]
+        b_q, b_kv = lay.b_qkv[:d], lay.b_qkv[d:]
+        kv = self._lin_rows(x, w_kv, b_kv)
+        ctxs, resids = [], []
+        for g, (c, L), a, b in zip(groups, shapes, offsets[:-1], offsets[1:], strict=True):
+            tgt = g.targets
+            valid = tgt >= 0
+            xg = x[a:b].view(c, L, d)
+            xq = xg.gather(1, tgt.clamp_min(0).unsqueeze(-1).expand(-1, -1, d))  # [c, m, d]
+            q = self._lin(xq, w_q, b_q).view(c, tgt.shape[1], self.n_heads, -1).transpose(1, 2)
+            k, v = self._heads(kv[a:b], c, L, 2)
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(c, tgt.shape[1], d)
+            ctxs.append(o[valid])
+            resids.append(xq[valid])
+        return self._ffn(lay, torch.cat(ctxs), torch.cat(resids))
