@@ -17,6 +17,7 @@ CLI (also what the Prefect flow ``train`` calls piecewise):
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def score_train(cfg: RunConfig, loaded: LoadedDomain) -> tuple[list[np.ndarray],
     store = ScoreStore(cfg.score_store_dir())
     arrays = score_texts(train_items(loaded), model=model.resolved(), metric=sc.metric, max_length=model.max_length,
                          mode=sc.mode, stride=sc.stride, dtype=sc.dtype, device=sc.device,
-                         token_budget=sc.token_budget, store=store)
+                         token_budget=sc.token_budget, store=store, revision=model.revision)
     key = scorer_key(model.resolved(), model.revision, sc.metric, model.max_length, sc.mode, sc.stride)
     return list(arrays), key
 
@@ -80,6 +81,28 @@ def prepare_inputs(cfg: RunConfig, loaded: LoadedDomain | None = None, log: Log 
         log(f"scores: {loaded.dataset['train'].num_rows} train texts ({cfg.scoring.metric}, {cfg.scoring.mode})")
         inputs.token_logp, inputs.score_key = score_train(cfg, loaded)
     return inputs
+
+
+def l3_rates(token_logp: list[np.ndarray], rate: float) -> dict[str, float]:
+    """Expected masking rate of the paper and calibrated mappings over the scored texts."""
+    import torch
+
+    from l3m.masking.l3 import calibrated_probs, paper_probs, surprisal
+
+    totals = {"paper": 0.0, "calibrated": 0.0, "tokens": 0.0, "texts_below_r": 0}
+    for a in token_logp:
+        lp = torch.as_tensor(np.asarray(a, dtype=np.float32))[None, :]
+        content = torch.isfinite(lp)
+        s = surprisal(lp, content)
+        pap = float(paper_probs(s, content, rate).sum())
+        totals["paper"] += pap
+        totals["calibrated"] += float(calibrated_probs(s, content, rate).sum())
+        totals["tokens"] += float(content.sum())
+        totals["texts_below_r"] += int(pap < rate * float(content.sum()) - 1e-3)
+    n = max(totals["tokens"], 1.0)
+    return {"target": rate, "paper_expected_rate": totals["paper"] / n,
+            "calibrated_expected_rate": totals["calibrated"] / n,
+            "texts": len(token_logp), "texts_where_paper_falls_short": totals["texts_below_r"]}
 
 
 def selective_masks(cfg: RunConfig, inputs: TrainInputs, exp_dir: Path, log: Log = print) -> list[np.ndarray]:
@@ -241,7 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.prepare_only:
         exp_dir = cfg.resolved_output_dir()
         exp_dir.mkdir(parents=True, exist_ok=True)
-        print(f"tokenview: {write_token_view(cfg, prepare_inputs(cfg), exp_dir)}")
+        inputs = prepare_inputs(cfg)
+        print(f"tokenview: {write_token_view(cfg, inputs, exp_dir)}")
+        if inputs.token_logp is not None:
+            rates = l3_rates(inputs.token_logp, _spec(cfg, "l3").rate)
+            (exp_dir / "l3_rates.json").write_text(json.dumps(rates, indent=2))
+            print(f"l3 rates: {rates}")
         return
     if a.summarize_only:
         paths = write_results(cfg.resolved_output_dir(), title=f"{cfg.domain.name} ({cfg.model.name_or_path})")
