@@ -66,6 +66,7 @@ class EngineStats:
     copies: int = 0
     copy_tokens: int = 0  # tokens through the encoder, padding excluded
     padded_tokens: int = 0  # tokens through the encoder, padding included
+    max_batch_tokens: int = 0  # largest batch (padding included): what bounds memory
     targets: int = 0
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -204,11 +205,13 @@ class PLLScorer:
         target_ids = np.concatenate(
             [_target_ids(encs[u.text], t) for u, t in zip(batch, targets, strict=True)]
         )
+        before = self.stats.padded_tokens
         if self.packed is not None:
             hidden = self.packed.forward(self._groups(batch, copies, targets))
             self.stats.padded_tokens += sum((u.r1 - u.r0) * u.length for u in batch)
         else:
             hidden = self._library_forward(batch, copies, targets)
+        self.stats.max_batch_tokens = max(self.stats.max_batch_tokens, self.stats.padded_tokens - before)
         tid = torch.from_numpy(target_ids).to(self.device)
         logp = self.head.target_logprobs(hidden, tid)
         n_copies = sum(u.r1 - u.r0 for u in batch)

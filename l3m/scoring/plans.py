@@ -95,8 +95,10 @@ def encode(tokenizer: Any, items: Sequence[Item], max_length: int) -> list[Encod
         raise ValueError("PLL scoring needs a fast tokenizer (word_ids() gives the word boundaries)")
     specials = _special_ids(tokenizer)
     out: list[EncodedText | None] = [None] * len(items)
-    singles = [i for i, (_, p) in enumerate(items) if p is None]
-    pairs = [i for i, (_, p) in enumerate(items) if p is not None]
+    # An empty pair is no pair for ``tokenizer(text, "")`` (it tests truthiness), but a batched
+    # call would add a second [SEP]: route it with the singles so both agree.
+    singles = [i for i, (_, p) in enumerate(items) if not p]
+    pairs = [i for i, (_, p) in enumerate(items) if p]
     for idx, with_pair in ((singles, False), (pairs, True)):
         if not idx:
             continue

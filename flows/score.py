@@ -1,0 +1,157 @@
+"""Prefect flow ``score``: vanilla-model token PLLs of a domain's texts into the score store.
+
+Thin on purpose: the splits are cut into shards, one task per shard calls
+``l3m.scoring.score_texts`` (which reads the store first, so a scored shard costs a lookup and
+no forward pass), and the flow publishes a summary artifact: tokens scored, tokens/s and the
+mean token log-likelihood per split (the vanilla model's surprise on the domain).
+
+Default runner: threads in this process (shards share one model; the engine serialises
+forwards). ``score_with_dask(address=...)`` returns the same flow on a ``DaskTaskRunner``:
+each worker process loads its own model on its own device, so shards spread over GPUs/hosts
+that share the store directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import Flow, flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NONE
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.common import artifact_key, as_config
+from l3m.config import RunConfig
+from l3m.data.loading import load_domain
+from l3m.scoring import ScoreStats, ScoreStore, score_texts
+
+_STORES: dict[str, ScoreStore] = {}
+
+
+def _store(root: str) -> ScoreStore:
+    # One store object per process: its in-memory index is read from disk once, not per shard.
+    if root not in _STORES:
+        _STORES[root] = ScoreStore(root)
+    return _STORES[root]
+
+
+@task(name="score-shard", cache_policy=NONE, retries=1)
+def score_shard(
+    split: str, shard: int, items: list[tuple[str, str | None]], settings: dict[str, Any]
+) -> dict[str, Any]:
+    st = ScoreStats()
+    settings = dict(settings)  # a retry gets the same dict: do not consume it
+    store = _store(settings.pop("store_dir"))
+    score_texts(items, store=store, stats=st, **settings)
+    get_run_logger().info(
+        "%s shard %d: %d texts, %d from the store, %d scored (%d tokens, %.1f tokens/s)",
+        split, shard, st.texts, st.cached, st.scored, st.tokens_scored, st.tokens_per_s,
+    )  # fmt: skip
+    return {
+        "split": split, "texts": st.texts, "cached": st.cached, "scored": st.scored,
+        "tokens_scored": st.tokens_scored, "seconds": st.seconds, "sum_logp": st.sum_logp,
+        "n_logp": st.n_logp, "scorer_key": st.scorer_key,
+    }  # fmt: skip
+
+
+def _items(cfg: RunConfig) -> dict[str, list[tuple[str, str | None]]]:
+    loaded = load_domain(cfg.domain)
+    out: dict[str, list[tuple[str, str | None]]] = {}
+    for split, ds in loaded.dataset.items():
+        texts = list(ds["text"])
+        pairs = list(ds["text_pair"]) if "text_pair" in ds.column_names else [None] * len(texts)
+        items = list(zip(texts, pairs, strict=True))
+        out[split] = items[: cfg.scoring.limit] if cfg.scoring.limit else items
+    return out
+
+
+def summarise(cfg: RunConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-split and total counts; mean PLL = mean log p over scorable tokens (nats/token)."""
+    splits: dict[str, dict[str, Any]] = {}
+    for r in results:
+        s = splits.setdefault(r["split"], {"texts": 0, "cached": 0, "scored": 0, "tokens_scored": 0,
+                                           "seconds": 0.0, "sum_logp": 0.0, "n_logp": 0})  # fmt: skip
+        for k in s:
+            s[k] += r[k]
+    for s in splits.values():
+        s["mean_logp"] = s["sum_logp"] / s["n_logp"] if s["n_logp"] else float("nan")
+        s["tokens_per_s"] = s["tokens_scored"] / s["seconds"] if s["seconds"] else 0.0
+    tokens = sum(s["tokens_scored"] for s in splits.values())
+    seconds = sum(s["seconds"] for s in splits.values())
+    keys = {r["scorer_key"] for r in results if r["scorer_key"]}
+    return {
+        "domain": cfg.domain.name, "scorer_key": next(iter(keys), None), "store": str(cfg.score_store_dir()),
+        "splits": splits, "tokens_scored": tokens, "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+    }  # fmt: skip
+
+
+def to_markdown(summary: dict[str, Any], cfg: RunConfig) -> str:
+    sc = cfg.scoring
+    lines = [
+        f"# Vanilla-model token scores: {summary['domain']}",
+        "",
+        f"Model `{cfg.model.name_or_path}`, metric `{sc.metric}`, mode `{sc.mode}`"
+        + (f" (k={sc.stride})" if sc.mode == "strided" else "")
+        + f", max_length {cfg.model.max_length}. Store key `{summary['scorer_key']}` in `{summary['store']}`.",
+        "",
+        "| split | texts | from store | newly scored | tokens scored | tokens/s | mean log p (nats/token) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, s in summary["splits"].items():
+        lines.append(
+            f"| {name} | {s['texts']} | {s['cached']} | {s['scored']} | {s['tokens_scored']} "
+            f"| {s['tokens_per_s']:.1f} | {s['mean_logp']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Total: {summary['tokens_scored']} tokens scored in {summary['seconds']:.1f} s "
+        f"({summary['tokens_per_s']:.1f} tokens/s). A lower mean log p means the vanilla model is "
+        "more surprised by the domain (more for L3Masking to teach).",
+    ]
+    return "\n".join(lines)
+
+
+@flow(name="score", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def score(config: str | Path | RunConfig | dict, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Score every split of the config's domain into the store; returns the summary dict."""
+    cfg = as_config(config, overrides)
+    sc, model = cfg.scoring, cfg.model
+    settings = {
+        "model": model.resolved(), "revision": model.revision, "metric": sc.metric,
+        "max_length": model.max_length, "mode": sc.mode, "stride": sc.stride, "dtype": sc.dtype,
+        "device": sc.device, "token_budget": sc.token_budget, "store_dir": str(cfg.score_store_dir()),
+    }  # fmt: skip
+    futures = []
+    for split, items in _items(cfg).items():
+        for i, a in enumerate(range(0, len(items), sc.shard_size)):
+            shard_items = items[a : a + sc.shard_size]
+            futures.append(score_shard.submit(split, i, shard_items, dict(settings)))
+    progress = create_progress_artifact(0.0, description=f"scoring {cfg.domain.name}: shards done (%)")
+    results = []
+    for fut in as_completed(futures):
+        results.append(fut.result())
+        update_progress_artifact(progress, 100.0 * len(results) / len(futures))
+    summary = summarise(cfg, results)
+    create_markdown_artifact(
+        markdown=to_markdown(summary, cfg),
+        key=artifact_key("scores", cfg.domain.name),
+        description=f"Vanilla-model PLL scores of {cfg.domain.name}",
+    )
+    get_run_logger().info(
+        "scored %d tokens (%.1f tokens/s)", summary["tokens_scored"], summary["tokens_per_s"]
+    )
+    return summary
+
+
+def score_with_dask(address: str | None = None, n_workers: int | None = None) -> Flow:
+    """The ``score`` flow on a Dask cluster (an existing scheduler ``address``, or a local one)."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        runner = DaskTaskRunner(address=address)
+    else:
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": n_workers or 1, "threads_per_worker": 1})
+    return score.with_options(task_runner=runner)

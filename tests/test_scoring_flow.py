@@ -1,0 +1,62 @@
+"""The Prefect ``score`` flow: scores a domain into the store, reruns from it, scores only new texts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import l3m.scoring.api as api
+from l3m.scoring import ScoreStore
+from tests.test_scoring import one_thread, tiny_model_dir  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_score_flow_store_rerun_and_new_texts(prefect_harness, toy_domain, tiny_model_dir, one_thread,  # noqa: F811
+                                              tmp_path: Path, monkeypatch):  # fmt: skip
+    from flows.score import score
+
+    monkeypatch.setattr(api, "_SCORERS", {})
+    real_get_scorer = api.get_scorer
+    cfg = {
+        "domain": toy_domain(),
+        "model": {"name_or_path": str(tiny_model_dir), "max_length": 32},
+        "scoring": {"shard_size": 16, "store_dir": str(tmp_path / "scores"), "device": "cpu"},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    first = score(str(path))
+    splits = first["splits"]
+    assert set(splits) == {"train", "dev", "test"}
+    assert splits["train"]["texts"] == 60 and splits["train"]["scored"] == 60
+    assert first["tokens_scored"] > 0 and splits["dev"]["mean_logp"] < 0
+    store = ScoreStore(tmp_path / "scores")
+    assert store.count(first["scorer_key"]) == 90
+
+    def no_model(*a, **k):
+        raise AssertionError("an already-scored domain must not load a model")
+
+    monkeypatch.setattr(api, "get_scorer", no_model)
+    again = score(str(path))
+    assert all(s["scored"] == 0 and s["cached"] == s["texts"] for s in again["splits"].values())
+    assert again["tokens_scored"] == 0
+
+    monkeypatch.setattr(api, "get_scorer", real_get_scorer)
+    train = toy_domain.root / "toy" / "train.jsonl"
+    rows = [{"text": f"fresh sentence {i} good great", "label": "pos"} for i in range(10)]
+    with open(train, "a", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    third = score(str(path))
+    assert third["splits"]["train"]["scored"] == 10 and third["splits"]["train"]["cached"] == 60
+    assert third["splits"]["dev"]["scored"] == 0 == third["splits"]["test"]["scored"]
+    assert store.count(first["scorer_key"]) == 100

@@ -1,0 +1,144 @@
+"""Score store and score_texts: resume, invalidation, no forward pass on rerun, only new texts scored."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import l3m.scoring.api as api
+from l3m.scoring import PLLScorer, ScoreStats, ScoreStore, score_texts, scorer_key
+from tests.test_scoring import one_thread, tiny_model_dir  # noqa: F401  (fixtures)
+
+ITEMS = [(f"text number {i} about parsing and tagging", None) for i in range(6)] + [("a text", "with a pair")]
+
+
+@pytest.fixture
+def tiny(tiny_model_dir: Path, one_thread, monkeypatch) -> Path:  # noqa: F811
+    monkeypatch.setattr(api, "_SCORERS", {})  # each test counts its own model loads
+    return tiny_model_dir
+
+
+def test_store_roundtrip_and_resume_from_disk(tmp_path: Path):
+    store = ScoreStore(tmp_path)
+    key = "m.within_word_l2r.L128.exact.0123456789abcdef"
+    arrays = [
+        np.array([np.nan, -1.5, -2.0, np.nan], np.float32),
+        np.array([np.nan, -0.25, np.nan], np.float32),
+    ]
+    items = [("a", None), ("a", "b")]
+    assert store.get_many(key, items) == [None, None]
+    store.put_many(key, items, arrays)
+    # A leftover temporary file of an interrupted write is never read as a shard.
+    (tmp_path / key / ".part-x.parquet.tmp").write_bytes(b"garbage")
+    fresh = ScoreStore(tmp_path)  # a new process: reads the shards from disk
+    got = fresh.get_many(key, items + [("b", None)])
+    assert got[2] is None
+    for g, a in zip(got[:2], arrays, strict=True):
+        assert g is not None and g.dtype == np.float32
+        np.testing.assert_array_equal(g, a)
+    assert fresh.get_many("other.key", items) == [None, None]
+    store.put_many(key, [("c", None)], [np.array([np.nan], np.float32)])
+    assert fresh.count(key) == 3  # shards written by another store object are picked up
+    assert fresh.compact(key) == 3 and len(list((tmp_path / key).glob("part-*.parquet"))) == 1
+    assert ScoreStore(tmp_path).count(key) == 3
+
+
+def test_scorer_key_invalidates_on_model_tokenizer_and_settings(tiny: Path, tmp_path: Path):
+    base = scorer_key(str(tiny), None, "within_word_l2r", 128, "exact", 4)
+    assert base == scorer_key(str(tiny), None, "within_word_l2r", 128, "exact", 8)  # stride: strided only
+    others = {
+        scorer_key(str(tiny), None, "original", 128, "exact", 4),
+        scorer_key(str(tiny), None, "within_word_l2r", 64, "exact", 4),
+        scorer_key(str(tiny), None, "within_word_l2r", 128, "strided", 4),
+        scorer_key(str(tiny), None, "within_word_l2r", 128, "strided", 8),
+    }
+    assert base not in others and len(others) == 4
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny, changed)
+    same_name = scorer_key(str(changed), None, "within_word_l2r", 128, "exact", 4)
+    assert same_name.split(".")[-1] == base.split(".")[-1]  # same bytes, same hash
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(changed / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    assert (
+        scorer_key(str(changed), None, "within_word_l2r", 128, "exact", 4).split(".")[-1]
+        != base.split(".")[-1]
+    )
+    tok_changed = tmp_path / "tok"
+    shutil.copytree(tiny, tok_changed)
+    with open(tok_changed / "tokenizer_config.json", "a") as fh:
+        fh.write("\n")
+    assert scorer_key(str(tok_changed), None, "within_word_l2r", 128, "exact", 4) != base
+
+
+def test_rerun_does_no_forward_pass_and_new_texts_only_are_scored(tiny: Path, tmp_path: Path, monkeypatch):
+    store = ScoreStore(tmp_path)
+    kw = {"model": str(tiny), "metric": "within_word_l2r", "max_length": 64, "device": "cpu", "store": store}
+    first = score_texts(ITEMS, **kw)
+    assert len(first) == len(ITEMS)
+
+    # Rerun: everything comes from the store; no model is even built.
+    def no_model(*a, **k):
+        raise AssertionError("rerun must not load a model")
+
+    monkeypatch.setattr(api, "get_scorer", no_model)
+    st = ScoreStats()
+    again = score_texts(ITEMS, stats=st, **kw)
+    assert st.cached == len(ITEMS) and st.scored == 0
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # Ten new texts among the old ones: exactly those ten go through the model.
+    monkeypatch.undo()
+    monkeypatch.setattr(api, "_SCORERS", {})
+    new = [(f"brand new sentence {i} with words", None) for i in range(10)]
+    st = ScoreStats()
+    out = score_texts(ITEMS + new, stats=st, **kw)
+    scorer = next(iter(api._SCORERS.values()))
+    assert st.scored == 10 and st.cached == len(ITEMS)
+    encs = scorer.encode(new, 64)
+    assert scorer.stats.copies == sum(e.n_targets for e in encs)  # only their masked copies ran
+    for a, b in zip(out[: len(ITEMS)], first, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_interrupted_run_resumes(tiny: Path, tmp_path: Path, monkeypatch):
+    store = ScoreStore(tmp_path)
+    monkeypatch.setattr(api, "FLUSH_TEXTS", 2)  # one shard per 2 texts
+    scorer = PLLScorer(str(tiny), device="cpu")
+    calls = {"n": 0}
+    real = scorer.score_encoded
+
+    def crash_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(scorer, "score_encoded", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        score_texts(ITEMS, model=scorer, max_length=64, store=store)
+    key = scorer_key(str(tiny), None, "within_word_l2r", 64, "exact", 4)
+    assert ScoreStore(tmp_path).count(key) == 4  # two finished shards survived
+    st = ScoreStats()
+    monkeypatch.setattr(scorer, "score_encoded", real)
+    out = score_texts(ITEMS, model=scorer, max_length=64, store=ScoreStore(tmp_path), stats=st)
+    assert st.cached == 4 and st.scored == len(ITEMS) - 4
+    ref = PLLScorer(str(tiny), device="cpu").score(ITEMS, max_length=64)
+    for a, b in zip(out, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, equal_nan=True)
+
+
+def test_duplicate_texts_scored_once(tiny: Path):
+    st = ScoreStats()
+    out = score_texts([("same text", None)] * 3 + [("other", None)], model=str(tiny), device="cpu", stats=st)
+    assert st.scored == 2 and len(out) == 4
+    assert out[0] is out[1] is out[2]
+    assert torch.get_num_threads() == 1  # the fixture's setting held
