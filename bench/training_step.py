@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from l3m.config import DEFAULT_SHARED, MaskingSpec
+from l3m.config import DEFAULT_SHARED, ENV_DATA_ROOT, ENV_MODEL_ROOT, MaskingSpec
 from l3m.masking import MaskingCollator, build_masking
 from l3m.modeling import build_multitask_model
 
@@ -38,8 +39,10 @@ def features(tok, texts, max_length, seed=0):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(DEFAULT_SHARED / "models" / "minilm-l6-mlm"))
-    ap.add_argument("--data", default=str(DEFAULT_SHARED / "data" / "citation_intent" / "train.jsonl"))
+    models = Path(os.environ.get(ENV_MODEL_ROOT) or DEFAULT_SHARED / "models")
+    data = Path(os.environ.get(ENV_DATA_ROOT) or DEFAULT_SHARED / "data")
+    ap.add_argument("--model", default=str(models / "minilm-l6-mlm"))
+    ap.add_argument("--data", default=str(data / "citation_intent" / "train.jsonl"))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
