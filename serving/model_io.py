@@ -44,6 +44,11 @@ class ModelMeta:
     config: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
 
+    def headline_metrics(self) -> dict[str, dict[str, float]]:
+        """Per split, only the scalar metrics (training also stores per-class tables, confusion matrices)."""
+        return {split: {k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+                for split, m in self.metrics.items()}
+
     def dev_score(self) -> float | None:
         value = self.metrics.get("dev", {}).get(self.metric)
         return None if value is None else float(value)
@@ -65,8 +70,8 @@ class ModelMeta:
             metrics={str(k): dict(v) for k, v in metrics.items()},
             # macro_f1 is the config default (l3m.config.DomainConfig.metric).
             metric=str(data.get("metric") or "macro_f1"),
-            strategy=str(data["strategy"]),
-            tuner=str(data["tuner"]),
+            strategy=_kind(data["strategy"]),
+            tuner=_kind(data["tuner"]),
             base_model=str(data["base_model"]),
             base_revision=data.get("base_revision"),
             max_length=int(data["max_length"]),
@@ -77,6 +82,11 @@ class ModelMeta:
             config=dict(data.get("config") or {}),
             raw=dict(data),
         )
+
+
+def _kind(spec: Any) -> str:
+    # Training stores the whole strategy/tuner spec ({"kind": "l3", "rate": ...}); names are its kind.
+    return str(spec.get("kind")) if isinstance(spec, dict) else str(spec)
 
 
 def read_meta(model_dir: str | Path) -> ModelMeta:
@@ -132,28 +142,40 @@ def load_classifier(model_path: str | Path) -> tuple[Any, Any, ModelMeta]:
     return model, tokenizer, meta
 
 
+# Padded tokens per forward pass when a batch is split by length (see predict).
+CHUNK_TOKENS = 512
+
+
 def predict(
     model: Any,
     tokenizer: Any,
     meta: ModelMeta,
     texts: list[str],
     pairs: list[str] | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> list[dict[str, Any]]:
-    """Label, score, probability map and truncation flag per text, in one padded forward pass.
+    """Label, score, probability map and truncation flag per text, in input order.
 
     Encoding is the project-wide ``tokenizer(text, text_pair, truncation=True,
-    max_length=meta.max_length)`` so served predictions equal offline ones.
+    max_length=meta.max_length)`` so served predictions equal offline ones. A batch is sorted
+    by length and cut into forward passes of at most ``chunk_tokens`` padded tokens: padding a
+    whole adaptive batch to its longest text wasted more compute (measured ~2x on
+    citation_intent, lengths 10-128) than batching saved.
     """
     import torch
 
     if not texts:
         return []
     enc = tokenizer(texts, pairs, truncation=True, max_length=meta.max_length)
-    truncated = _truncated_flags(tokenizer, meta.max_length, texts, pairs, enc["input_ids"])
-    batch = tokenizer.pad(enc, return_tensors="pt")
-    with torch.inference_mode():
-        logits = model(**batch).logits
-    probs = torch.softmax(logits.float(), dim=-1).tolist()
+    ids = enc["input_ids"]
+    truncated = _truncated_flags(tokenizer, meta.max_length, texts, pairs, ids)
+    probs: list[list[float]] = [[] for _ in texts]
+    for chunk in _length_chunks([len(x) for x in ids], chunk_tokens):
+        batch = tokenizer.pad({k: [enc[k][i] for i in chunk] for k in enc}, return_tensors="pt")
+        with torch.inference_mode():
+            logits = model(**batch).logits
+        for i, row in zip(chunk, torch.softmax(logits.float(), dim=-1).tolist(), strict=True):
+            probs[i] = row
     labels = meta.label_names
     out = []
     for row, trunc in zip(probs, truncated, strict=True):
@@ -167,6 +189,22 @@ def predict(
             }
         )
     return out
+
+
+def _length_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
+    """Row indices grouped by similar length, each group's padded size within chunk_tokens."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # Sorted ascending, so the newest row is the longest: padded size = rows * its length.
+        if current and (len(current) + 1) * lengths[i] > chunk_tokens:
+            chunks.append(current)
+            current = []
+        current.append(i)
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _truncated_flags(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.ledger import add_event, domain_state, locked_ledger, now_iso, read_ledger
-from serving.model_io import ModelMeta, check_model_dir, load_classifier, read_meta
+from serving.model_io import ModelMeta, check_model_dir, load_classifier
 
 __all__ = [
     "RegisterResult",
@@ -104,22 +104,9 @@ def _clean(value: Any) -> Any:
 
 
 def _metadata(meta: ModelMeta) -> dict[str, Any]:
-    return _clean({
-        "domain": meta.domain,
-        "label_names": meta.label_names,
-        "metrics": meta.metrics,
-        "metric": meta.metric,
-        "strategy": meta.strategy,
-        "tuner": meta.tuner,
-        "base_model": meta.base_model,
-        "base_revision": meta.base_revision,
-        "config": meta.config,
-        "data_fingerprint": meta.data_fingerprint,
-        "score_key": meta.score_key,
-        "max_length": meta.max_length,
-        "text_pair": meta.text_pair,
-        "code_version": meta.code_version,
-    })
+    # All of l3m.json (full strategy/tuner specs, per-class reports, seed, ...) plus the
+    # normalised names, so `bentoml models get` alone tells what a version is.
+    return _clean(meta.raw | {"strategy_kind": meta.strategy, "tuner_kind": meta.tuner, "metric": meta.metric})
 
 
 def _decide(ledger: dict[str, Any], meta: ModelMeta, margin: float) -> tuple[bool, str]:
@@ -256,8 +243,8 @@ def _summary(model: Any, ledger: dict[str, Any]) -> dict[str, Any]:
     return {
         "tag": tag,
         "domain": md.get("domain"),
-        "strategy": md.get("strategy"),
-        "tuner": md.get("tuner"),
+        "strategy": md.get("strategy_kind", md.get("strategy")),
+        "tuner": md.get("tuner_kind", md.get("tuner")),
         "stage": entry.get("stage", CANDIDATE),
         "reason": entry.get("reason", ""),
         "metric": metric,
@@ -289,8 +276,3 @@ def show(tag: str) -> dict[str, Any]:
         events=[e for e in ledger["events"] if e["tag"] == out["tag"]],
     )
     return out
-
-
-def meta_of(tag: str) -> ModelMeta:
-    """The l3m.json of a stored version (for the service's import-time setup)."""
-    return read_meta(_get(tag).path)

@@ -32,6 +32,7 @@ class Settings:
     batching: bool  # L3M_BATCHING=off serves every request on its own (batch size 1)
     max_batch_size: int  # L3M_MAX_BATCH_SIZE: texts per adaptive batch
     max_latency_ms: int  # L3M_MAX_LATENCY_MS: BentoML sheds (503) requests queued longer than this
+    torch_threads: int  # L3M_TORCH_THREADS: intra-op threads of the worker (0: torch's default)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -45,6 +46,10 @@ class Settings:
             # Generous on purpose: shedding load shows up as 5xx, and the latency/throughput
             # trade-off is governed by the batch size, not by this cut-off.
             max_latency_ms=_env_int("L3M_MAX_LATENCY_MS", 30_000),
+            # 1 by default: on a shared 2-core host, 2 OpenMP threads spin-waiting on each other
+            # made a single-text forward pass 15-25x slower under co-tenant load (35 ms -> 550-880
+            # ms, docs/serving.md). Scale with workers, not threads.
+            torch_threads=_env_int("L3M_TORCH_THREADS", 1),
         )
 
 
@@ -102,7 +107,7 @@ class Metadata(BaseModel):
     domain: str
     labels: list[str]
     metric: str
-    metrics: dict[str, dict[str, float]]
+    metrics: dict[str, dict[str, float]] = Field(description="headline (scalar) metrics per split")
     base_model: str
     base_revision: str | None
     strategy: str

@@ -22,8 +22,8 @@ from bentoml.models import BentoModel
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.model_io import load_classifier, predict
-from serving.registry import meta_of, production_tag
+from serving.model_io import load_classifier, predict, read_meta
+from serving.registry import model_name, production_tag
 from serving.schemas import Metadata, Prediction, Settings, split_items, texts_type
 
 logger = logging.getLogger("l3m.serving")
@@ -35,21 +35,30 @@ SETTINGS = Settings.from_env()
 
 
 def resolve_model_tag(settings: Settings) -> str:
+    """L3M_MODEL_TAG, else the domain's production version, else (inside a built bento, where
+    the registry ledger is absent) the newest ``l3m-<domain>`` model of the active store."""
     if settings.model_tag:
         return settings.model_tag
     tag = production_tag(settings.domain)
-    if tag is None:
-        raise RuntimeError(
-            f"no production model for domain {settings.domain!r} in the registry "
-            f"(BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')}); "
-            "register one (`l3m models ...`) or set L3M_MODEL_TAG"
-        )
-    return tag
+    if tag is not None:
+        return tag
+    packaged = sorted(
+        (m for m in bentoml.models.list() if m.tag.name == model_name(settings.domain)),
+        key=lambda m: m.info.creation_time,
+    )
+    if packaged:
+        return str(packaged[-1].tag)
+    raise RuntimeError(
+        f"no production model for domain {settings.domain!r} in the registry "
+        f"(BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')}); "
+        "register one (`l3m models ...`) or set L3M_MODEL_TAG"
+    )
 
 
 MODEL_TAG = resolve_model_tag(SETTINGS)
-# The request type depends on the model: pair domains take (text, text_pair) items.
-_META = meta_of(MODEL_TAG)
+# The request type depends on the model: pair domains take (text, text_pair) items. Read from
+# the active BentoML store (the bento's own store when running from a built bento).
+_META = read_meta(bentoml.models.get(MODEL_TAG).path)
 Texts = texts_type(_META.text_pair, SETTINGS.max_texts)
 
 
@@ -114,14 +123,18 @@ class L3MClassifier:
     bento_model = BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
+        import torch
+
         self._ready = False
+        if SETTINGS.torch_threads > 0:
+            torch.set_num_threads(SETTINGS.torch_threads)
         self.tag = str(self.bento_model.tag)
         self.model, self.tokenizer, self.meta = load_classifier(self.bento_model.path)
         # One forward pass before reporting ready: the first call pays lazy initialisation
         # that should not land on a user's request.
         predict(self.model, self.tokenizer, self.meta, ["warm up"], ["warm up"] if self.meta.text_pair else None)
         self._ready = True
-        logger.info("loaded %s (batching=%s)", self.tag, SETTINGS.batching)
+        logger.info("loaded %s (batching=%s, torch threads=%d)", self.tag, SETTINGS.batching, torch.get_num_threads())
 
     def __is_ready__(self) -> bool:
         return self._ready
@@ -142,7 +155,7 @@ class L3MClassifier:
         m = self.meta
         return Metadata(
             model_tag=self.tag, domain=m.domain, labels=m.label_names, metric=m.metric,
-            metrics=m.metrics, base_model=m.base_model, base_revision=m.base_revision,
+            metrics=m.headline_metrics(), base_model=m.base_model, base_revision=m.base_revision,
             strategy=m.strategy, tuner=m.tuner, max_length=m.max_length, text_pair=m.text_pair,
             code_version=m.code_version, max_texts=SETTINGS.max_texts, batching=SETTINGS.batching,
         )

@@ -48,6 +48,9 @@ def test_register_stores_metadata_labels_and_safetensors(home, versions):
         assert key in md, key
     assert md["metrics"]["dev"]["macro_f1"] == 0.5 and md["metrics"]["test"]["macro_f1"] == 0.49
     assert md["label_names"][0] == "Background" and "base_revision" not in md  # None is dropped
+    assert md["strategy"]["rate"] == 0.15 and md["strategy_kind"] == "l3" and md["seed"] == 1
+    assert md["metrics"]["dev"]["per_class"]["Uses"]["support"] == 10
+    assert info["strategy"] == "l3" and info["tuner"] == "full" and info["dev"] == 0.5
     stored = Path(info["path"])
     assert (stored / "model.safetensors").is_file() and (stored / "l3m.json").is_file()
     assert not list(stored.glob("*.bin"))
