@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from l3m.config import MaskingSpec, RunConfig, TunerSpec, load_config
-from l3m.data.loading import LoadedDomain, encode_kwargs, load_domain
+from l3m.data.loading import LoadedDomain, encode_kwargs, load_domain, load_unlabelled
 from l3m.train import RUN_RECORD, RunRecord, TrainInputs, train_one
 
 Log = Callable[[str], None]
@@ -63,11 +63,15 @@ def train_items(loaded: LoadedDomain) -> list[tuple[str, str | None]]:
 
 def score_train(cfg: RunConfig, loaded: LoadedDomain) -> tuple[list[np.ndarray], str]:
     """Vanilla token log-likelihoods of the train texts: a store read when already scored."""
+    return score_items(cfg, train_items(loaded))
+
+
+def score_items(cfg: RunConfig, items: list[tuple[str, str | None]]) -> tuple[list[np.ndarray], str]:
     from l3m.scoring import ScoreStore, score_texts, scorer_key
 
     sc, model = cfg.scoring, cfg.model
     store = ScoreStore(cfg.score_store_dir())
-    arrays = score_texts(train_items(loaded), model=model.resolved(), metric=sc.metric, max_length=model.max_length,
+    arrays = score_texts(items, model=model.resolved(), metric=sc.metric, max_length=model.max_length,
                          mode=sc.mode, stride=sc.stride, dtype=sc.dtype, device=sc.device,
                          token_budget=sc.token_budget, store=store, revision=model.revision)
     key = scorer_key(model.resolved(), model.revision, sc.metric, model.max_length, sc.mode, sc.stride)
@@ -80,6 +84,13 @@ def prepare_inputs(cfg: RunConfig, loaded: LoadedDomain | None = None, log: Log 
     if any(s.kind == "l3" for s in cfg.strategies):
         log(f"scores: {loaded.dataset['train'].num_rows} train texts ({cfg.scoring.metric}, {cfg.scoring.mode})")
         inputs.token_logp, inputs.score_key = score_train(cfg, loaded)
+    if cfg.training.use_unlabelled:
+        inputs.unlabelled = load_unlabelled(cfg.domain)
+        if not inputs.unlabelled:
+            raise ValueError(f"{cfg.domain.name}: training.use_unlabelled is set but the domain has no unlabelled corpus")
+        if inputs.token_logp is not None:
+            log(f"scores: {len(inputs.unlabelled)} unlabelled texts")
+            inputs.unlabelled_logp, _ = score_items(cfg, [(t, None) for t in inputs.unlabelled])
     return inputs
 
 

@@ -80,6 +80,7 @@ class MultiTaskModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
+                mlm_attention_mask: torch.Tensor | None = None, mlm_token_type_ids: torch.Tensor | None = None,
                 **_: object) -> MultiTaskOutput:
         kwargs = {"attention_mask": attention_mask}
         if token_type_ids is not None:
@@ -89,7 +90,10 @@ class MultiTaskModel(nn.Module):
         use_mlm = (self.training and self.mlm_model is not None and mlm_input_ids is not None
                    and mlm_labels is not None and self.mlm_weight > 0)
         if use_mlm and loss is not None:
-            mlm = self.mlm_loss(mlm_input_ids, attention_mask, token_type_ids, mlm_labels)
+            # The MLM batch has its own padding when it carries extra (unlabelled) texts.
+            own = mlm_attention_mask is not None
+            mlm = self.mlm_loss(mlm_input_ids, mlm_attention_mask if own else attention_mask,
+                                mlm_token_type_ids if own else token_type_ids, mlm_labels)
             self.last_losses = {"cls_loss": loss.detach(), "mlm_loss": mlm.detach()}
             loss = loss + self.mlm_weight * mlm
         return MultiTaskOutput(loss=loss, logits=out.logits)

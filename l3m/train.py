@@ -59,6 +59,9 @@ class TrainInputs:
     token_logp: list[np.ndarray] | None = None
     selective_mask: list[np.ndarray] | None = None
     score_key: str | None = None
+    # The unlabelled in-domain corpus (training.use_unlabelled) and its vanilla scores.
+    unlabelled: list[str] | None = None
+    unlabelled_logp: list[np.ndarray] | None = None
 
 
 @dataclass
@@ -130,6 +133,14 @@ def encode_domain(inputs: TrainInputs, tokenizer: PreTrainedTokenizerBase, max_l
     if inputs.selective_mask is not None:
         ds["train"] = attach(ds["train"], "selective_mask", inputs.selective_mask)
     return ds
+
+
+def encode_pool(inputs: TrainInputs, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+    """The unlabelled corpus as MLM-only features (no label, no selective column)."""
+    pool = encode(Dataset.from_dict({"text": inputs.unlabelled or []}), tokenizer, max_length, has_pair=False)
+    if inputs.unlabelled_logp is not None:
+        pool = attach(pool, "token_logp", inputs.unlabelled_logp)
+    return pool.remove_columns("text")
 
 
 class MultiTaskTrainer(Trainer):
@@ -246,15 +257,23 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     if missing:
         raise ValueError(f"masking {masking.kind!r} needs column(s) {missing}; see l3m.experiment.prepare_inputs")
 
+    pool = None
+    if t_cfg.use_unlabelled and strategy.uses_mlm:
+        if not inputs.unlabelled:
+            raise ValueError("training.use_unlabelled needs the domain's unlabelled corpus (domain.unlabelled)")
+        if "token_logp" in strategy.columns and inputs.unlabelled_logp is None:
+            raise ValueError("l3 with training.use_unlabelled needs scores of the unlabelled texts")
+        pool = encode_pool(inputs, tokenizer, cfg.model.max_length)
+
     torch.manual_seed(seed)  # classifier head init is part of the seed
     model = build_multitask_model(base, loaded.label_names, with_mlm=strategy.uses_mlm,
                                   mlm_weight=t_cfg.mlm_weight, revision=cfg.model.revision)
-    collator = MaskingCollator(tokenizer, strategy, seed=seed)
+    collator = MaskingCollator(tokenizer, strategy, seed=seed, mlm_pool=pool)
     eval_collator = MaskingCollator(tokenizer, build_masking(MaskingSpec(kind="none")))
 
     def fisher_batches() -> Any:
         loader = torch.utils.data.DataLoader(train_ds, batch_size=t_cfg.batch_size, shuffle=True,
-                                             collate_fn=MaskingCollator(tokenizer, strategy, seed=seed),
+                                             collate_fn=MaskingCollator(tokenizer, strategy, seed=seed, mlm_pool=pool),
                                              generator=torch.Generator().manual_seed(seed))
         return iter(loader)
 

@@ -182,3 +182,21 @@ def test_selective_prefix_gains_batched_and_capped(tok):
     assert capped[0].tolist() == [0, 0, 1, 0, 0, 0, 0]  # the larger gain wins (0.5 -> 0.73 beats 0.73 -> 0.88)
     # Gold label 0: the hits lower its probability, so nothing is important; "the" is a stopword anyway.
     assert compute_selective_masks(model, tok, [{"input_ids": ids}], [0], rate=0.5, delta=0.0)[0].sum() == 0
+
+
+@pytest.mark.parametrize("kind", ["random", "l3", "selective"])
+def test_mlm_pool_adds_unlabelled_texts(tok, kind):
+    strategy = build_masking(MaskingSpec(kind=kind, rate=0.3))
+    feats = _features(tok)
+    pool = [{k: v for k, v in f.items() if k not in ("label", "selective_mask")}
+            for f in _features(tok, ["An unlabelled in-domain sentence about parsing and tagging models."] * 5, seed=3)]
+    out = MaskingCollator(tok, strategy, seed=0, mlm_pool=pool, pool_per_batch=3)(feats)
+    B = len(feats)
+    assert out["input_ids"].shape[0] == B and out["labels"].shape == (B,)
+    assert out["mlm_input_ids"].shape[0] == B + 3 and out["mlm_attention_mask"].shape == out["mlm_input_ids"].shape
+    sel = out["mlm_labels"] != -100
+    assert not sel[out["mlm_attention_mask"] == 0].any()
+    if kind == "selective":  # the unlabelled rows carry no selection: never masked
+        assert not sel[B:].any()
+    else:
+        assert sel[B:].any()

@@ -129,3 +129,24 @@ def test_resume_from_checkpoint(domain, tiny_model, tmp_path):
     assert again.global_steps == first.global_steps == 12
     assert again.median_step_seconds == 0.0  # no step was trained again
     assert again.metrics["test"] == first.metrics["test"]
+
+
+@pytest.mark.slow
+def test_unlabelled_corpus_as_extra_mlm_source(domain, tiny_model, tmp_path):
+    (tmp_path / "unl.txt").write_text("\n".join(f"an unlabelled film review number {i}" for i in range(30)))
+    dom = DomainConfig.model_validate({**domain.model_dump(), "unlabelled": {"path": str(tmp_path / "unl.txt")}})
+    cfg = _cfg(dom, tiny_model, tmp_path)
+    cfg.training.use_unlabelled = True
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    loaded = load_domain(dom)
+    from l3m.data.loading import load_unlabelled
+
+    texts = load_unlabelled(dom)
+    inputs = TrainInputs(loaded, token_logp=_fake_logp(loaded, tok), unlabelled=texts)
+    with pytest.raises(ValueError, match="unlabelled texts"):
+        train_one(cfg, MaskingSpec(kind="l3"), TunerSpec(), 1, inputs, tmp_path / "fail")
+    rec = train_one(cfg, MaskingSpec(kind="random"), TunerSpec(), 1, inputs, tmp_path / "ok")
+    # Twice the MLM texts of a plain run: the classification batch's plus as many unlabelled.
+    plain = train_one(_cfg(domain, tiny_model, tmp_path), MaskingSpec(kind="random"), TunerSpec(), 1,
+                      TrainInputs(loaded), tmp_path / "plain")
+    assert rec.masking["content_tokens"] > 1.5 * plain.masking["content_tokens"]

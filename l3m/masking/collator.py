@@ -2,7 +2,9 @@
 
 Per batch it returns the clean classification inputs (``input_ids``, ``attention_mask``,
 ``token_type_ids``, ``labels``) and, when the strategy uses MLM, a masked copy
-``mlm_input_ids`` with ``mlm_labels`` (-100 where not selected). The masking follows
+``mlm_input_ids`` with ``mlm_labels`` (-100 where not selected). With an ``mlm_pool`` (the
+unlabelled in-domain corpus) the MLM batch also holds texts drawn from it, and comes with its
+own ``mlm_attention_mask`` / ``mlm_token_type_ids``. The masking follows
 ``DataCollatorForLanguageModeling.torch_mask_tokens`` step for step, including the order of
 the random draws on the seeded generator, so ``random`` reproduces it exactly:
   1. selected ~ Bernoulli(probs), probs zeroed at special tokens and padding;
@@ -14,6 +16,7 @@ the random draws on the seeded generator, so ``random`` reproduces it exactly:
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,9 +53,12 @@ class MaskingStats:
         }
 
 
-def _pad_column(rows: list[list[Any]], length: int, value: float, dtype: torch.dtype, left: bool) -> torch.Tensor:
+def _pad_column(rows: list[Any], length: int, value: float, dtype: torch.dtype, left: bool) -> torch.Tensor:
+    """Pad per-token lists to ``length``; a row that lacks the column (None) is all ``value``."""
     out = torch.full((len(rows), length), value, dtype=dtype)
     for i, r in enumerate(rows):
+        if r is None:
+            continue
         t = torch.as_tensor(list(r)[:length], dtype=dtype)
         if left:
             out[i, length - len(t) :] = t
@@ -76,6 +82,10 @@ class MaskingCollator:
     strategy: MaskingStrategy
     seed: int | None = None
     pad_to_multiple_of: int | None = None
+    # Extra MLM texts (encoded feature dicts, e.g. the unlabelled in-domain corpus); None = the
+    # MLM batch is the classification batch's own texts.
+    mlm_pool: Sequence[dict[str, Any]] | None = None
+    pool_per_batch: int | None = None  # default: as many as the batch has
     stats: MaskingStats = field(default_factory=MaskingStats)
 
     def __post_init__(self) -> None:
@@ -94,37 +104,47 @@ class MaskingCollator:
             offset = info.id if info is not None else 0
         self.generator = torch.Generator().manual_seed(int(self.seed) + offset)
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if self.seed is not None and self.generator is None:
-            self._create_rng()
+    def _pad(self, features: Sequence[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Tokenizer padding plus the strategy's view: specials and the padded extra columns."""
         base = [{k: f[k] for k in _TOKENIZER_KEYS if k in f} for f in features]
         batch = dict(self.tokenizer.pad(base, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of))
-        for key in ("label", "labels"):
-            if key in features[0]:
-                batch["labels"] = torch.as_tensor([f[key] for f in features], dtype=torch.long)
         special = batch.pop("special_tokens_mask", None)
         if special is None:
             special = torch.tensor(
                 [self.tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True) for ids in batch["input_ids"].tolist()]
             )
         special = special.bool() | (batch["attention_mask"] == 0)
+        view = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "special_tokens_mask": special}
+        if self.strategy.uses_mlm:
+            length, left = batch["input_ids"].shape[1], self.tokenizer.padding_side == "left"
+            for cols, fill, dtype in ((FLOAT_COLUMNS, float("nan"), torch.float32), (INT_COLUMNS, -1, torch.long)):
+                for col in cols:
+                    if any(col in f for f in features):
+                        view[col] = _pad_column([f.get(col) for f in features], length, fill, dtype, left)
+        return batch, view
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.seed is not None and self.generator is None:
+            self._create_rng()
+        batch, view = self._pad(features)
+        for key in ("label", "labels"):
+            if key in features[0]:
+                batch["labels"] = torch.as_tensor([f[key] for f in features], dtype=torch.long)
         if not self.strategy.uses_mlm:
             return batch
-        length, left = batch["input_ids"].shape[1], self.tokenizer.padding_side == "left"
-        view: dict[str, torch.Tensor] = {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
-            "special_tokens_mask": special,
-        }
-        for col in FLOAT_COLUMNS:
-            if col in features[0]:
-                view[col] = _pad_column([f[col] for f in features], length, float("nan"), torch.float32, left)
-        for col in INT_COLUMNS:
-            if col in features[0]:
-                view[col] = _pad_column([f[col] for f in features], length, -1, torch.long, left)
+        if self.mlm_pool is not None and len(self.mlm_pool) > 0:
+            # MLM on the batch's texts plus as many texts drawn (seeded) from the unlabelled
+            # in-domain corpus; that batch is padded on its own.
+            k = self.pool_per_batch or len(features)
+            picks = torch.randint(len(self.mlm_pool), (k,), generator=self.generator).tolist()
+            mlm_batch, view = self._pad(list(features) + [self.mlm_pool[i] for i in picks])
+            batch["mlm_attention_mask"] = mlm_batch["attention_mask"]
+            if "token_type_ids" in mlm_batch:
+                batch["mlm_token_type_ids"] = mlm_batch["token_type_ids"]
+        special = view["special_tokens_mask"]
         probs = self.strategy.selection_probs(view).float().masked_fill(special, 0.0)
         word_ids = view.get("word_ids") if self.strategy.whole_word else None
-        batch["mlm_input_ids"], batch["mlm_labels"] = self.mask_tokens(batch["input_ids"].clone(), probs, word_ids)
+        batch["mlm_input_ids"], batch["mlm_labels"] = self.mask_tokens(view["input_ids"].clone(), probs, word_ids)
         self.stats.content_tokens += int((~special).sum())
         self.stats.selected_tokens += int((batch["mlm_labels"] != -100).sum())
         self.stats.expected_selected += float(probs.sum())
