@@ -58,6 +58,97 @@ def validate(config: Config, set_: Sets = None,
     typer.echo(json.dumps(out, indent=2))
 
 
+def _run_flow(module: str, name: str, config: Path, set_: list[str] | None) -> None:
+    import importlib
+
+    try:
+        fn = getattr(importlib.import_module(module), name)
+        out = fn(str(config), set_ or [])
+    except USER_ERRORS as e:
+        _fail(e)
+    typer.echo(json.dumps(out, indent=2, default=str))
+
+
+@app.command()
+def score(config: Config, set_: Sets = None) -> None:
+    """Score every token of the domain's texts with the vanilla model (cached in the score store)."""
+    _run_flow("flows.score", "score", config, set_)
+
+
+@app.command()
+def train(config: Config, set_: Sets = None) -> None:
+    """Train strategies x tuners x seeds and write the results table (scores read from the store)."""
+    _run_flow("flows.train", "train", config, set_)
+
+
+@app.command()
+def run(config: Config, set_: Sets = None) -> None:
+    """The whole pipeline: validate -> score -> train/evaluate -> register (-> build bento)."""
+    _run_flow("flows.pipeline", "adapt_domain", config, set_)
+
+
+models = typer.Typer(no_args_is_help=True, help="The model registry (BentoML store + promotion ledger).")
+app.add_typer(models, name="models")
+
+
+def _registry():  # noqa: ANN202 - lazy: importing bentoml costs seconds
+    from serving import registry
+
+    return registry
+
+
+def _echo(obj: object) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@models.command("list")
+def models_list(domain: Annotated[str | None, typer.Option(help="only this domain")] = None) -> None:
+    """Registered versions with stage, dev metric and strategy."""
+    rows = _registry().list_models(domain)
+    if not rows:
+        typer.echo("no models registered")
+        return
+    for r in rows:
+        typer.echo("  ".join(str(r.get(k, "")) for k in ("tag", "stage", "metric", "dev", "test", "strategy", "tuner", "created")))
+
+
+@models.command("show")
+def models_show(tag: str) -> None:
+    """Everything recorded about one version (metadata, lineage, stage history)."""
+    try:
+        _echo(_registry().show(tag))
+    except _registry().RegistryError as e:
+        _fail(e)
+
+
+@models.command("register")
+def models_register(model_dir: Path, margin: Annotated[float, typer.Option(help="promotion margin")] = 0.0) -> None:
+    """Register a trained model directory; promote it if its dev metric is good enough."""
+    try:
+        _echo(_registry().register(model_dir, promote_margin=margin).to_dict())
+    except _registry().RegistryError as e:
+        _fail(e)
+
+
+@models.command("promote")
+def models_promote(tag: str, force: Annotated[bool, typer.Option(help="skip the metric rule")] = False,
+                   margin: float = 0.0) -> None:
+    """Make a version production if its dev metric is at least production's (+ margin), or --force."""
+    try:
+        _echo(_registry().promote(tag, force=force, margin=margin).to_dict())
+    except _registry().RegistryError as e:
+        _fail(e)
+
+
+@models.command("rollback")
+def models_rollback(domain: str) -> None:
+    """Restore the previous production version of a domain."""
+    try:
+        _echo(_registry().rollback(domain).to_dict())
+    except _registry().RegistryError as e:
+        _fail(e)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(sys.argv[1:])
 

@@ -33,7 +33,7 @@ def validate_task(cfg: RunConfig) -> dict[str, Any]:
             "report": str(paths["markdown"]), "html": str(paths["html"]), "json": str(paths["json"])}
 
 
-@flow(name="validate", log_prints=True)
+@flow(name="validate")
 def validate(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Validate the domain of a run config (a YAML path); raise if an error-level check fails."""
     cfg = as_config(Path(config), overrides)

@@ -78,3 +78,22 @@ def toy_domain(tmp_path: Path):
 
     make.root = tmp_path  # type: ignore[attr-defined]
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_dir(tmp_path_factory, shared_model: Path) -> Path:
+    """A 2-layer random BERT MLM with the shared model's tokenizer, saved like a hub model.
+
+    For plumbing tests only (flows, pipeline, serving); behaviour tests use the real model.
+    """
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    path = tmp_path_factory.mktemp("tiny-mlm")
+    tok = AutoTokenizer.from_pretrained(shared_model)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertForMaskedLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

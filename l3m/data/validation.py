@@ -106,9 +106,12 @@ class _Runner:
 
     def __init__(self) -> None:
         import great_expectations as gx  # ~2 s import: only when validating
+        from great_expectations.data_context.types.base import ProgressBarsConfig
 
         self.gx = gx
         self.ctx = gx.get_context(mode="ephemeral")
+        # One progress bar per expectation suite floods logs (and Prefect's log store).
+        self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
         self.source = self.ctx.data_sources.add_pandas("l3m")
         self.n = 0
 
