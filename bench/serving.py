@@ -66,6 +66,7 @@ def start_server(home: Path, tag: str, batching: bool, log: Path, max_batch: int
     env = os.environ | {
         "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false", "L3M_MODEL_TAG": tag,
+        "L3M_TORCH_THREADS": os.environ.get("L3M_TORCH_THREADS", "1"),
         "L3M_BATCHING": "on" if batching else "off", "L3M_MAX_BATCH_SIZE": str(max_batch),
     }
     cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:L3MClassifier",
@@ -152,6 +153,33 @@ def load_texts() -> list[str]:
     return texts
 
 
+def model_ceiling(model_dir: Path, texts: list[str], threads: int) -> dict:
+    """In-process ms/text of the forward path alone (no HTTP): batch 1 vs a 32-text batch.
+
+    The ratio bounds what adaptive batching can gain on this host: the HTTP path adds the same
+    per-request cost to both modes.
+    """
+    import torch
+
+    from serving.model_io import load_classifier, predict
+
+    torch.set_num_threads(threads)
+    model, tok, meta = load_classifier(model_dir)
+    sample = texts[:128]
+
+    def per_text(bs: int) -> float:
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for i in range(0, len(sample), bs):
+                predict(model, tok, meta, sample[i:i + bs])
+            best = min(best, (time.perf_counter() - t0) / len(sample) * 1000)
+        return round(best, 2)
+
+    one, batched = per_text(1), per_text(32)
+    return {"ms_per_text_batch1": one, "ms_per_text_batch32": batched, "ratio": round(one / batched, 2)}
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| concurrency | requests | mode | throughput (req/s) | p50 (ms) | p99 (ms) | failed | 5xx |",
              "|---:|---:|---|---:|---:|---:|---:|---:|"]
@@ -215,7 +243,9 @@ def main() -> None:
     finally:
         for proc, _ in servers.values():
             stop(proc)
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    ceiling = model_ceiling(model_dir, texts, int(os.environ.get("L3M_TORCH_THREADS", "1")))
+    print(json.dumps({"in_process_forward": ceiling}), flush=True)
+    report = {"in_process_forward": ceiling, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
               "model": str(model_dir), "tag": tag, "max_batch_size": args.max_batch_size, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
