@@ -102,7 +102,7 @@ def l3_rates(token_logp: list[np.ndarray], rate: float) -> dict[str, float]:
 
     totals = {"paper": 0.0, "calibrated": 0.0, "tokens": 0.0, "texts_below_r": 0}
     for a in token_logp:
-        lp = torch.as_tensor(np.asarray(a, dtype=np.float32))[None, :]
+        lp = torch.from_numpy(np.array(a, dtype=np.float32))[None, :]
         content = torch.isfinite(lp)
         s = surprisal(lp, content)
         pap = float(paper_probs(s, content, rate).sum())

@@ -32,7 +32,7 @@ def render_token_view(tokens: Sequence[Sequence[str]], token_logp: Sequence[np.n
     """Three shaded rows per text: surprisal -log p, L3 calibrated p_i, L3 paper p_i."""
     blocks = []
     for i, (toks, logp) in enumerate(zip(tokens, token_logp, strict=True)):
-        lp = torch.as_tensor(np.asarray(logp, dtype=np.float32))[None, :]
+        lp = torch.from_numpy(np.array(logp, dtype=np.float32))[None, :]  # a copy: store arrays are read-only
         content = torch.isfinite(lp)
         s = surprisal(lp, content)
         cal, pap = calibrated_probs(s, content, rate)[0].numpy(), paper_probs(s, content, rate)[0].numpy()

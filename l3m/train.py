@@ -43,6 +43,7 @@ from l3m.data.loading import LoadedDomain, encode_kwargs
 from l3m.evaluate import compute_metrics, full_report, report_markdown
 from l3m.masking import MaskingCollator, build_masking
 from l3m.modeling import alias_names, build_multitask_model
+from l3m.tuning import build_tuner
 
 RUN_RECORD = "run.json"
 
@@ -227,12 +228,6 @@ def _mixed_precision(cfg: RunConfig) -> dict[str, bool]:
     return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
 
 
-def _build_tuner(spec: TunerSpec) -> Any:
-    from l3m.tuning import build_tuner
-
-    return build_tuner(spec)
-
-
 def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed: int, inputs: TrainInputs,
               out_dir: str | Path, *, resume: bool = True, keep_checkpoints: bool = False,
               tokenizer: PreTrainedTokenizerBase | None = None, encoded: DatasetDict | None = None) -> RunRecord:
@@ -277,7 +272,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
                                              generator=torch.Generator().manual_seed(seed))
         return iter(loader)
 
-    tuner = _build_tuner(tuner_spec)
+    tuner = build_tuner(tuner_spec)
     model = tuner.prepare(model, fisher_batches)
     metric = loaded_metric(cfg)
     steps_per_epoch = math.ceil(train_ds.num_rows / (t_cfg.batch_size * t_cfg.grad_accum))
