@@ -125,7 +125,11 @@ def selective_masks(cfg: RunConfig, inputs: TrainInputs, exp_dir: Path, log: Log
 
     spec = _spec(cfg, "selective")
     seed = cfg.training.seeds[0]
+    # Reuse this experiment's STL run when there is one; otherwise train the rater outside the
+    # table's layout (selective/classifier is not a <strategy>/<tuner>/seed<k> directory).
     clf_run = RunKey("none", cfg.tuners[0].kind, seed).path(exp_dir)
+    if not (clf_run / RUN_RECORD).exists():
+        clf_run = exp_dir / "selective" / "classifier"
     if not (clf_run / RUN_RECORD).exists():
         log("selective: training the STL classifier that rates token importance")
         train_one(cfg, MaskingSpec(kind="none"), cfg.tuners[0], seed, TrainInputs(inputs.loaded), clf_run)

@@ -310,7 +310,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         pred = trainer.predict(encoded[split])
         reports[split] = full_report(pred.label_ids, pred.predictions.argmax(-1), loaded.label_names)
     model_dir = out_dir / "model"
-    tuner.export(trainer.model, model_dir)
+    exported = tuner.export(trainer.model, model_dir) or {}
     tokenizer.save_pretrained(model_dir)
     meta = {
         "domain": cfg.domain.name, "label_names": loaded.label_names, "metrics": reports, "metric": metric,
@@ -319,7 +319,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         "config": cfg.model_dump(mode="json"), "data_fingerprint": loaded.fingerprint,
         "score_key": inputs.score_key if masking.kind == "l3" else None,
         "max_length": cfg.model.max_length, "text_pair": loaded.has_pair, "code_version": code_version(),
-        "masking_stats": collator.stats.as_dict(),
+        "masking_stats": collator.stats.as_dict(), "export": exported,
     }
     (model_dir / "l3m.json").write_text(json.dumps(meta, indent=2))
     (out_dir / "report.md").write_text(

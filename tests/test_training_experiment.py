@@ -61,3 +61,15 @@ def test_run_experiment_end_to_end(domain, tiny_model, tmp_path, monkeypatch):  
     assert abs(rows["l3"]["realised_rate"] - 0.15) < 0.05
     assert out["tokenview"].exists() and out["md"].exists()
     assert list((tmp_path / "selective").glob("selective-*.npz"))
+    assert not (tmp_path / "selective" / "classifier").exists()  # the STL run of seed 1 rated the tokens
+
+
+@pytest.mark.slow
+def test_selective_alone_trains_its_rater_outside_the_table(domain, tiny_model, tmp_path):  # noqa: F811
+    cfg = RunConfig(domain=domain, model={"name_or_path": str(tiny_model), "max_length": 32},
+                    strategies=[{"kind": "selective", "delta": 0.0}],
+                    training={"epochs": 1, "batch_size": 16, "seeds": [1], "fp16_on_cuda": False},
+                    output_dir=str(tmp_path))
+    experiment.run_experiment(cfg, log=lambda s: None)
+    assert (tmp_path / "selective" / "classifier" / "run.json").exists()
+    assert [r["strategy"] for r in experiment.summarize(tmp_path)] == ["selective"]
