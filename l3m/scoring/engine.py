@@ -238,6 +238,7 @@ class PLLScorer:
                     self._t(ids),
                     None if tts[0] is None else self._t(np.concatenate(tts)),
                     self._t(tg),
+                    self._t(np.flatnonzero(tg.reshape(-1) >= 0)),
                 )
             )
             i = j + 1

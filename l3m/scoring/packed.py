@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows per chunk of the row-local blocks (projections, LayerNorm, feed-forward): 2048 x 4d
+# Rows per chunk of the row-local blocks (projections, LayerNorm, feed-forward) on CPU: 2048 x 4d
 # float32 = 12 MB for MiniLM, cache-sized; at 8k rows the GELU/LayerNorm passes go to memory.
+# On CUDA rows are not chunked: there every chunk costs kernel launches, and cache is not the limit.
 ROW_CHUNK = 2048
 
 
@@ -39,6 +40,7 @@ class Group:
     input_ids: torch.Tensor  # long [c, L], masked
     token_type_ids: torch.Tensor | None  # long [c, L]
     targets: torch.Tensor  # long [c, m], -1 where a copy has fewer than m targets
+    valid: torch.Tensor  # long [n]: flat indices into [c * m] of the targets >= 0 (host-computed: no sync)
 
 
 @dataclass
@@ -121,28 +123,32 @@ class PackedEncoder:
         y = F.linear(x, w, b)
         return F.gelu(y) if gelu else y
 
+    @staticmethod
+    def _chunk(x: torch.Tensor) -> int:
+        return ROW_CHUNK if x.device.type == "cpu" else max(1, x.shape[0])
+
     def _lin_rows(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``_lin`` over row chunks of ``x`` (a projection is row-local), into one output."""
-        if x.shape[0] <= ROW_CHUNK:
+        if x.shape[0] <= self._chunk(x):
             return self._lin(x, w, b)
         out = torch.empty(x.shape[0], w.shape[0], dtype=self.dtype, device=x.device)
-        for a in range(0, x.shape[0], ROW_CHUNK):
-            out[a : a + ROW_CHUNK] = self._lin(x[a : a + ROW_CHUNK], w, b)
+        step = self._chunk(x)
+        for a in range(0, x.shape[0], step):
+            out[a : a + step] = self._lin(x[a : a + step], w, b)
         return out
 
     def _ffn(self, lay: _Layer, ctx: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         # BertSelfOutput, BertIntermediate, BertOutput; residual sums and LayerNorm in float32.
         # Row-local, so it runs in row chunks that keep the [rows, 4d] intermediate in cache.
         out = torch.empty_like(resid)
-        for a in range(0, resid.shape[0], ROW_CHUNK):
-            h = lay.ln1(
-                self._lin(ctx[a : a + ROW_CHUNK], lay.w_o, lay.b_o).float() + resid[a : a + ROW_CHUNK]
-            )
+        step = self._chunk(resid)
+        for a in range(0, resid.shape[0], step):
+            h = lay.ln1(self._lin(ctx[a : a + step], lay.w_o, lay.b_o).float() + resid[a : a + step])
             if lay.erf_gelu:
                 inter = self._lin(h, lay.w_i, lay.b_i, gelu=True)
             else:
                 inter = lay.act(self._lin(h, lay.w_i, lay.b_i))
-            out[a : a + ROW_CHUNK] = lay.ln2(self._lin(inter, lay.w_o2, lay.b_o2).float() + h)
+            out[a : a + step] = lay.ln2(self._lin(inter, lay.w_o2, lay.b_o2).float() + h)
         return out
 
     def _heads(self, x: torch.Tensor, c: int, L: int, k: int) -> torch.Tensor:
@@ -186,12 +192,11 @@ class PackedEncoder:
         ctxs, resids = [], []
         for g, (c, L), a, b in zip(groups, shapes, offsets[:-1], offsets[1:], strict=True):
             tgt = g.targets
-            valid = tgt >= 0
             xg = x[a:b].view(c, L, d)
             xq = xg.gather(1, tgt.clamp_min(0).unsqueeze(-1).expand(-1, -1, d))  # [c, m, d]
             q = self._lin(xq, w_q, b_q).view(c, tgt.shape[1], self.n_heads, -1).transpose(1, 2)
             k, v = self._heads(kv[a:b], c, L, 2)
             o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(c, tgt.shape[1], d)
-            ctxs.append(o[valid])
-            resids.append(xq[valid])
+            ctxs.append(o.reshape(-1, d).index_select(0, g.valid))
+            resids.append(xq.reshape(-1, d).index_select(0, g.valid))
         return self._ffn(lay, torch.cat(ctxs), torch.cat(resids))

@@ -1,0 +1,85 @@
+"""FLOP accounting and matmul peaks for bench/scoring.py.
+
+Useful FLOPs are what any exact PLL scorer must compute for the scored tokens, counted the
+usual way (2 FLOPs per multiply-add, matmuls only): every masked copy through the full encoder
+without padding, plus the MLM head at its target rows only. Per copy of length L, per layer:
+L (8 d^2 + 4 d f) for the projections and feed-forward, 4 L^2 d for attention; per target
+2 d^2 + 2 d V for the head. Executed FLOPs are what l3m's packed path actually runs (its last
+layer only at the targets), so useful/executed > 1 is the saving of that trick.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dims:
+    layers: int
+    d: int
+    f: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config: object) -> Dims:
+        c = config
+        return cls(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size)  # type: ignore[attr-defined]
+
+
+def layer_flops(dims: Dims, L: int) -> float:
+    return L * (8 * dims.d**2 + 4 * dims.d * dims.f) + 4 * L * L * dims.d
+
+
+def head_flops(dims: Dims) -> float:
+    return 2 * dims.d**2 + 2 * dims.d * dims.vocab
+
+
+def useful_flops(dims: Dims, copies: list[tuple[int, int]]) -> float:
+    """``copies``: (length L, targets m) per masked copy."""
+    return sum(dims.layers * layer_flops(dims, L) + m * head_flops(dims) for L, m in copies)
+
+
+def executed_flops_packed(dims: Dims, copies: list[tuple[int, int]]) -> float:
+    d, f = dims.d, dims.f
+    total = 0.0
+    for L, m in copies:
+        last = L * 4 * d * d + m * (2 * d * d + 4 * L * d + 2 * d * d + 4 * d * f)
+        total += (dims.layers - 1) * layer_flops(dims, L) + last + m * head_flops(dims)
+    return total
+
+
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype, seconds: float = 3.0, cpu_clock: bool = False
+) -> dict[str, float]:
+    """Best GFLOP/s over square and model-shaped GEMMs (what torch reaches here, not a spec sheet).
+
+    ``cpu_clock``: time with process CPU time (the benchmark's single-thread mode)."""
+    clock = time.process_time if cpu_clock else time.perf_counter
+    shapes = [(2048, 2048, 2048), (4096, 4096, 4096)] if device.type == "cpu" else [(8192, 8192, 8192)]
+    shapes += [(8192, 384, 1536), (8192, 1536, 384)] if device.type == "cpu" else [(65536, 384, 1536)]
+    best = 0.0
+    per_shape: dict[str, float] = {}
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        _sync(device)
+        reps, t_end, rates = 0, time.perf_counter() + seconds / len(shapes), []
+        while time.perf_counter() < t_end or reps < 3:
+            t0 = clock()
+            a @ b
+            _sync(device)
+            rates.append(2 * m * k * n / max(clock() - t0, 1e-9) / 1e9)
+            reps += 1
+        per_shape[f"{m}x{k}x{n}"] = max(rates)
+        best = max(best, max(rates))
+    return {"gflops": best, **per_shape}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
