@@ -42,6 +42,8 @@ def test_score_flow_store_rerun_and_new_texts(prefect_harness, toy_domain, tiny_
     assert first["tokens_scored"] > 0 and splits["dev"]["mean_logp"] < 0
     store = ScoreStore(tmp_path / "scores")
     assert store.count(first["scorer_key"]) == 90
+    artifact = _latest_artifact("scores-toy")
+    assert "mean log p" in artifact and "| train | 60 | 0 | 60 |" in artifact
 
     def no_model(*a, **k):
         raise AssertionError("an already-scored domain must not load a model")
@@ -60,3 +62,16 @@ def test_score_flow_store_rerun_and_new_texts(prefect_harness, toy_domain, tiny_
     assert third["splits"]["train"]["scored"] == 10 and third["splits"]["train"]["cached"] == 60
     assert third["splits"]["dev"]["scored"] == 0 == third["splits"]["test"]["scored"]
     assert store.count(first["scorer_key"]) == 100
+
+
+def _latest_artifact(key: str) -> str:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read() -> str:
+        async with get_client() as client:
+            arts = await client.read_latest_artifacts()
+            return next(a.data for a in arts if a.key == key)
+
+    return asyncio.run(read())
