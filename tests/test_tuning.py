@@ -96,11 +96,13 @@ def fisher_batches():
 
 
 def train(model: nn.Module, tuner: Tuner, tmp: Path, steps: int = 3, lr: float = 1e-2,
-          extra: list[TrainerCallback] | None = None) -> None:
-    """A few optimizer steps through transformers' Trainer, wired the way l3m.train wires tuners."""
+          extra: list[TrainerCallback] | None = None, device: str = "cpu") -> None:
+    """A few optimizer steps through transformers' Trainer, wired the way l3m.train wires tuners
+    (on CUDA with bf16 autocast, as l3m.train runs there)."""
     args = TrainingArguments(output_dir=str(tmp / "trainer"), max_steps=steps, per_device_train_batch_size=4,
                              learning_rate=lr, weight_decay=0.1, lr_scheduler_type="constant", report_to=[],
-                             save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
+                             save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                             use_cpu=device == "cpu", bf16=device == "cuda",
                              seed=0, remove_unused_columns=False, max_grad_norm=1.0)
     groups = tuner.optimizer_param_groups(model, lr, 0.1)
     optimizers = (torch.optim.AdamW(groups, lr=lr), None) if groups is not None else (None, None)
@@ -110,28 +112,34 @@ def train(model: nn.Module, tuner: Tuner, tmp: Path, steps: int = 3, lr: float =
 
 def logits(model: nn.Module) -> torch.Tensor:
     batch = collate(make_examples(6, seed=9))
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model.eval()(input_ids=batch["input_ids"].to(device),
+                            attention_mask=batch["attention_mask"].to(device)).logits
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 # ----------------------------------------------------------------------- every tuner
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", registered_tuners())
-def test_every_tuner_trains_exports_and_rebuilds(kind, base_dir, tmp_path):
-    model = TinyMultiTask(base_dir)
+def test_every_tuner_trains_exports_and_rebuilds(kind, device, base_dir, tmp_path):
+    model = TinyMultiTask(base_dir).to(device)
     tuner = build_tuner(TunerSpec(kind=kind, reserve_p=0.3))
     model = tuner.prepare(model, fisher_batches())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train(model, tuner, tmp_path)
+    train(model, tuner, tmp_path, device=device)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed, f"{kind}: nothing trained"
 
     sizes = tuner.export(model, tmp_path / "out")
     assert sizes["full_model_bytes"] > 0 and 0 < sizes["task_bytes"] <= sizes["full_model_bytes"]
     trained = logits(find_classifier(model))
-    served = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
-    rebuilt = tuner.rebuild(base_dir, tmp_path / "out")
+    served = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").to(device)
+    rebuilt = tuner.rebuild(base_dir, tmp_path / "out").to(device)
     assert torch.equal(logits(served), trained)  # bit-exact, what serving loads
     assert torch.equal(logits(rebuilt), trained)
 
@@ -241,8 +249,9 @@ def test_fisher_is_the_mean_squared_per_example_gradient(base_dir):
     assert param.grad is None and all(p.requires_grad for p in model.parameters())
 
 
-def test_child_d_never_changes_a_parameter_outside_the_child_network(base_dir, tmp_path):
-    model = TinyMultiTask(base_dir)
+@pytest.mark.parametrize("device", DEVICES)
+def test_child_d_never_changes_a_parameter_outside_the_child_network(base_dir, tmp_path, device):
+    model = TinyMultiTask(base_dir).to(device)
     tuner = build_tuner(TunerSpec(kind="child_d", reserve_p=0.3))
     tuner.prepare(model, fisher_batches())
     masks = tuner.child_masks()
@@ -250,7 +259,7 @@ def test_child_d_never_changes_a_parameter_outside_the_child_network(base_dir, t
     assert not any("embeddings" in n or "classifier.weight" in n for n in masks)
     assert abs(tuner.child_fraction - 0.3) < 0.01
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train(model, tuner, tmp_path, steps=4)  # weight_decay 0.1: AdamW would shrink the rest
+    train(model, tuner, tmp_path, steps=4, device=device)  # weight_decay 0.1: AdamW would shrink the rest
     for name, p in model.named_parameters():
         if name in masks:
             m = masks[name]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_tuning import TinyMultiTask, logits, save_tiny_base, train
+from test_tuning import DEVICES, TinyMultiTask, logits, save_tiny_base, train
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -69,15 +69,17 @@ def test_prepare_freezes_pretrained_weights_and_groups_scores_and_head(base_dir)
     assert sum(len(g["params"]) for g in groups) == len(trainable)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("train_head", [True, False])
-def test_training_leaves_pretrained_weights_bit_identical_and_rebuilds_exactly(base_dir, tmp_path, train_head):
-    model = TinyMultiTask(base_dir)
+def test_training_leaves_pretrained_weights_bit_identical_and_rebuilds_exactly(base_dir, tmp_path, train_head,
+                                                                               device):
+    model = TinyMultiTask(base_dir).to(device)
     tuner = build_tuner(TunerSpec(kind="weight_mask", mask_lr=0.05, train_head=train_head))
     tuner.prepare(model)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     head = model.classifier_model.classifier.weight.detach().clone()
     masks0 = {n: m.mask().clone() for n, m in masked_modules(model).items()}
-    train(model, tuner, tmp_path, steps=4, lr=1e-2)
+    train(model, tuner, tmp_path, steps=4, lr=1e-2, device=device)
     for name, p in model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), name
@@ -97,9 +99,9 @@ def test_training_leaves_pretrained_weights_bit_identical_and_rebuilds_exactly(b
     assert sizes["task_bytes"] == (tmp_path / "out" / MASK_FILE).stat().st_size < sizes["full_model_bytes"]
 
     trained = logits(model.classifier_model)
-    rebuilt = tuner.rebuild(base_dir, tmp_path / "out")
+    rebuilt = tuner.rebuild(base_dir, tmp_path / "out").to(device)
     assert torch.equal(logits(rebuilt), trained)
-    served = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    served = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").to(device)
     assert torch.equal(logits(served), trained)
     assert not any(isinstance(m, MaskedLinear) for m in served.modules())
 
