@@ -230,6 +230,33 @@ def test_split_examples_trims_padding_without_changing_the_loss(base_dir):
             torch.testing.assert_close(model(**unit).loss, model(**padded).loss)
 
 
+def test_split_examples_shares_a_separate_mlm_batch_among_the_examples(base_dir):
+    """An MLM batch with its own rows (labelled texts + unlabelled-pool texts, l3m's collator
+    with ``mlm_pool``): unit i gets MLM rows i and B+i, and trimming keeps every loss equal."""
+    from l3m.modeling import build_multitask_model
+
+    model = build_multitask_model(str(base_dir), ["a", "b", "c"], with_mlm=True).train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # MLM runs in train mode only; without dropout the losses are comparable
+    cls, pool = collate(make_examples(3, seed=3)), collate(make_examples(6, seed=4))
+    batch = {"input_ids": cls["input_ids"], "attention_mask": cls["attention_mask"], "labels": cls["labels"],
+             "mlm_input_ids": pool["input_ids"], "mlm_attention_mask": pool["attention_mask"],
+             "mlm_labels": pool["mlm_labels"]}
+    units = list(split_examples(batch))
+    assert len(units) == 3
+    for i, unit in enumerate(units):
+        rows = torch.tensor([i, i + 3])
+        assert torch.equal(unit["mlm_input_ids"], pool["input_ids"][rows][:, : unit["mlm_input_ids"].shape[1]])
+        assert unit["mlm_input_ids"].shape[1] == int(pool["attention_mask"][rows].sum(1).max())
+        padded = {k: (v[rows] if k.startswith("mlm_") else v[i : i + 1]) for k, v in batch.items()}
+        with torch.no_grad():
+            torch.testing.assert_close(model(**unit).loss, model(**padded).loss)
+    layer = model.classifier_model.bert.encoder.layer[0].output.dense.weight
+    (fisher,) = estimate_fisher(model, [layer], [batch])
+    assert fisher.shape == layer.shape and fisher.sum() > 0
+
+
 def test_fisher_is_the_mean_squared_per_example_gradient(base_dir):
     model = TinyMultiTask(base_dir)
     model.classifier_model.config.hidden_dropout_prob = 0.0

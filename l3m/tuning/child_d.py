@@ -15,6 +15,7 @@ what is followed here (docs/tuning.md has the table):
 * Fisher per mini-batch, not per example: they square the gradient of the *batch-mean* loss
   and average over batches. We follow the paper by default (``per_example=True``: one backward
   per training example, padding trimmed); ``per_example=False`` gives their estimate.
+  With an auxiliary MLM, an "example" is a classification row plus its share of MLM rows.
 * They clip each parameter's gradient to ``max_grad_norm`` before squaring. Not done here.
 * Weight decay: their optimizer applies decoupled weight decay to every parameter, so weights
   outside the child network still shrink by (1 - lr*wd) each step. The paper's update rule
@@ -37,31 +38,47 @@ from l3m.tuning.base import FisherBatches, Tuner, register_tuner, scoped_paramet
 log = logging.getLogger(__name__)
 
 
-def split_examples(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """One-example batches from a collated batch, right padding trimmed (for speed only).
+def _lead(batch: dict[str, Any], keys: list[str], prefix: str) -> torch.Tensor:
+    lead = batch.get(prefix + "input_ids")
+    if isinstance(lead, torch.Tensor):
+        return lead
+    return next(batch[k] for k in keys if isinstance(batch[k], torch.Tensor) and batch[k].dim() > 0)
 
-    Every tensor whose first dimension is the batch size is sliced; tensors shaped (B, L, ...)
-    are cut to the example's length when its attention mask is a right-padded prefix.
+
+def split_examples(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """One-example units from a collated batch, trailing padding trimmed (for speed only).
+
+    Tensors whose first dimension is the batch size B are sliced to row i. A separate MLM batch
+    (``mlm_*`` keys with their own ``mlm_attention_mask``, e.g. labelled texts plus texts drawn
+    from an unlabelled pool) has its own row count B': unit i takes its rows i, i+B, i+2B, ...,
+    so each row lands in exactly one unit. Columns after the last attended position of the
+    unit's rows are cut (with right padding: the example's own length; left padding: none).
     """
-    lead = batch.get("input_ids")
-    if not isinstance(lead, torch.Tensor):
-        lead = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-    size, length = lead.shape[0], (lead.shape[1] if lead.dim() > 1 else None)
-    attention = batch.get("attention_mask")
+    own_mlm = isinstance(batch.get("mlm_attention_mask"), torch.Tensor)
+    families: dict[str, list[str]] = {"": [], "mlm_": []}
+    for key in batch:
+        families["mlm_" if own_mlm and key.startswith("mlm_") else ""].append(key)
+    size = _lead(batch, families[""], "").shape[0]
     for i in range(size):
-        keep = None
-        if isinstance(attention, torch.Tensor) and attention.dim() == 2 and length is not None:
-            n = int(attention[i].sum())
-            if n > 0 and bool(attention[i, :n].all()):
-                keep = n
-        one: dict[str, Any] = {}
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
-                value = value[i : i + 1]
-                if keep is not None and value.dim() > 1 and value.shape[1] == length:
-                    value = value[:, :keep]
-            one[key] = value
-        yield one
+        unit: dict[str, Any] = {}
+        for prefix, keys in families.items():
+            if not keys:
+                continue
+            rows_total = _lead(batch, keys, prefix).shape[0]
+            rows = torch.arange(i, rows_total, size)
+            mask = batch.get(prefix + "attention_mask")
+            keep = None
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                attended = mask[rows].bool().any(0).nonzero()
+                keep = int(attended.max()) + 1 if attended.numel() else None
+            for key in keys:
+                value = batch[key]
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows_total:
+                    value = value[rows]
+                    if keep is not None and value.dim() > 1 and value.shape[1] == mask.shape[1]:
+                        value = value[:, :keep]
+                unit[key] = value
+        yield unit
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
