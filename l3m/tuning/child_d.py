@@ -1,9 +1,9 @@
 """Child-Tuning_D (Xu et al., EMNLP 2021), task-driven: update only a Fisher-selected child network.
 
 Before training, the Fisher information of each weight is estimated on the training data,
-F(w) = 1/|D| * sum_j (dL(x_j, y_j)/dw)^2 (paper eq. 4), and the top ``reserve_p`` fraction of
-weights under one global threshold form the child network (eq. 5). For the whole run the
-gradients of all other weights in the scope are zeroed.
+F(w) = 1/|D| * sum_j (dL(x_j, y_j)/dw)^2, and the top ``reserve_p`` fraction of weights under
+one global threshold form the child network. For the whole run the gradients of all other
+weights in the scope are zeroed.
 
 Scope, as in the authors' code (``'layer' in name``): the Fisher selection covers trainable
 parameters whose name contains ``spec.scope`` -- the encoder layers -- while embeddings and
@@ -135,7 +135,7 @@ def estimate_fisher(
 
 
 def select_child(fisher: list[torch.Tensor], reserve_p: float) -> tuple[list[torch.Tensor], float]:
-    """Boolean masks of the top ``reserve_p`` fraction under one global threshold (paper eq. 5).
+    """Boolean masks of the top ``reserve_p`` fraction under one global threshold (Xu et al. 2021).
 
     Like the authors (``F >= percentile``), ties at the threshold are all kept, so the realised
     fraction can exceed ``reserve_p`` slightly when many scores are equal.

@@ -1,8 +1,8 @@
 """Child-Tuning_F (Xu et al., EMNLP 2021, "Raise a Child in Large Language Model"), task-free.
 
 At every optimizer step each gradient element is kept with probability p and the kept ones are
-scaled by 1/p (eq. 6 of the paper: w <- w - lr * (g * M / p), M ~ Bernoulli(p)), so the
-expected gradient is unchanged while each step updates a random "child network".
+scaled by 1/p (w <- w - lr * (g * M / p), M ~ Bernoulli(p)), so the expected gradient is
+unchanged while each step updates a random "child network".
 
 Where it plugs in: ``on_pre_optimizer_step``, which transformers' Trainer calls after gradient
 clipping and before ``optimizer.step()``. The authors' ``ChildTuningAdamW`` drew the mask inside

@@ -1,7 +1,7 @@
 """Bit-packing of binary weight masks: one bit per weight (np.packbits, big-endian bit order).
 
 A BERT-base weight mask of ~85M entries packs into ~10.6 MB, vs 340 MB for the fp32 weights
-it selects from -- the storage argument of Zhao et al. (2020), section 5.
+it selects from -- the storage argument of Zhao et al. (2020).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ INIT_SCALE = 0.02  # the authors' --init_scale
 
 
 class _BinarizeSTE(torch.autograd.Function):
-    """Forward 1[s >= tau]; backward passes the gradient straight through (Zhao et al. eq. 2)."""
+    """Forward 1[s >= tau]; backward passes the gradient straight through (Zhao et al. 2020)."""
 
     @staticmethod
     def forward(ctx: Any, scores: torch.Tensor, tau: float) -> torch.Tensor:
