@@ -207,8 +207,12 @@ def asgi_client(home):
         BentoMLContainer.model_store.set(ModelStore(str(home / "models")))
         from serving.service import L3MClassifier
 
-        with TestClient(L3MClassifier.to_asgi()) as c:
-            yield c
+        try:
+            with TestClient(L3MClassifier.to_asgi()) as c:
+                yield c
+        finally:
+            BentoMLContainer.bentoml_home.reset()
+            BentoMLContainer.model_store.reset()
 
 
 def test_asgi_classify_metadata_and_errors(asgi_client):
