@@ -7,8 +7,10 @@ fine-tuned for a few steps on citation_intent so its predictions are not uniform
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,20 @@ MAX_LENGTH = 64
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch single-threaded, then restore: on this shared 2-vCPU host two intra-op threads
+    made small forward passes 10-20x slower under co-tenant load (docs/benchmarks.md)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def read_split(name: str) -> list[dict[str, Any]]:
@@ -75,6 +91,19 @@ def build_model_dir(out: Path, *, steps: int = 4, seed: int = 0, dev: float = 0.
     rows = read_split("train")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
+    with one_torch_thread():
+        _train_steps(model, tok, opt, rows, labels, steps)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    write_meta(out, dev=dev)
+    return out
+
+
+def _train_steps(model: Any, tok: Any, opt: Any, rows: list[dict[str, Any]], labels: list[str], steps: int) -> None:
+    import torch
+
     for step in range(steps):
         chunk = rows[step * 16:(step + 1) * 16]
         batch = tok([r["text"] for r in chunk], truncation=True, max_length=MAX_LENGTH,
@@ -84,12 +113,6 @@ def build_model_dir(out: Path, *, steps: int = 4, seed: int = 0, dev: float = 0.
         loss.backward()
         opt.step()
         opt.zero_grad()
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    write_meta(out, dev=dev)
-    return out
 
 
 def build_tiny_model_dir(out: Path) -> Path:
@@ -141,7 +164,7 @@ def offline_predictions(model_dir: Path, texts: list[str]) -> list[dict[str, Any
 
     model, tok, meta = load_classifier(model_dir)
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), one_torch_thread():
         for text in texts:
             enc = tok(text, None, truncation=True, max_length=meta.max_length, return_tensors="pt")
             probs = torch.softmax(model(**enc).logits[0], dim=-1).tolist()

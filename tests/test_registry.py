@@ -6,7 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest_serving import build_tiny_model_dir, copy_with_dev, offline_predictions, trained_model_dir
+from conftest_serving import (
+    build_tiny_model_dir,
+    copy_with_dev,
+    offline_predictions,
+    one_torch_thread,
+    trained_model_dir,
+)
 
 from serving import registry
 from serving.model_io import ModelDirError, load_classifier, predict
@@ -160,7 +166,8 @@ def test_stored_copy_predicts_like_the_source_directory(home, tmp_path_factory):
     res = registry.register(model_dir)
     model, tok, meta = load_classifier(registry.show(res.tag)["path"])
     texts = ["We follow the setup of Smith et al. ( 2010 ) .", "Future work could extend ( Lee , 2001 ) ."]
-    served = predict(model, tok, meta, texts)
+    with one_torch_thread():
+        served = predict(model, tok, meta, texts)
     offline = offline_predictions(model_dir, texts)
     assert [p["label"] for p in served] == [o["label"] for o in offline]
     for p, o in zip(served, offline, strict=True):
