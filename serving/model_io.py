@@ -20,7 +20,14 @@ REQUIRED_KEYS = ("domain", "label_names", "metrics", "base_model", "max_length",
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-class ModelDirError(ValueError):
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done (unknown tag, nothing to roll back to, ...).
+
+    Defined here so that ModelDirError is one too: the CLI catches a single error type.
+    """
+
+
+class ModelDirError(RegistryError, ValueError):
     """A model directory that does not satisfy the trained-model contract."""
 
 

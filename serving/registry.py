@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from serving.ledger import add_event, domain_state, locked_ledger, now_iso, read_ledger
-from serving.model_io import ModelMeta, check_model_dir, load_classifier
+from serving.model_io import ModelDirError, ModelMeta, RegistryError, check_model_dir, load_classifier
 
 __all__ = [
+    "ModelDirError",
     "RegisterResult",
     "RegistryError",
     "list_models",
@@ -42,10 +43,6 @@ NAME_PREFIX = "l3m-"
 PRODUCTION = "production"
 CANDIDATE = "candidate"
 ARCHIVED = "archived"  # was production, superseded by a newer promotion
-
-
-class RegistryError(RuntimeError):
-    """A registry operation that cannot be done (unknown tag, nothing to roll back to, ...)."""
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,7 @@ def test_refuses_pickle_weights_and_bad_dirs(home, versions, tmp_path):
     (pickled / "pytorch_model.bin").write_bytes(b"not really a pickle")
     with pytest.raises(ModelDirError, match="safetensors only"):
         registry.register(pickled)
+    assert issubclass(ModelDirError, registry.RegistryError)  # the CLI catches RegistryError
     no_meta = versions(0.5)
     (no_meta / "l3m.json").unlink()
     with pytest.raises(ModelDirError, match="no l3m.json"):
