@@ -302,3 +302,21 @@ def test_child_d_requires_fisher_batches_and_a_matching_scope(base_dir):
         build_tuner(TunerSpec(kind="child_d")).prepare(TinyMultiTask(base_dir), None)
     with pytest.raises(ValueError, match="scope"):
         build_tuner(TunerSpec(kind="child_d", scope="nowhere")).prepare(TinyMultiTask(base_dir), fisher_batches())
+
+
+def test_child_d_masks_follow_the_parameters_to_the_trainer_device():
+    """prepare() runs before the Trainer moves the model: the callback must follow it there.
+
+    (Found on a GPU run: masks left on the CPU met CUDA gradients.) The ``meta`` device stands in
+    for CUDA so the test runs everywhere.
+    """
+    from l3m.tuning.child_d import ChildDCallback
+
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    cb = ChildDCallback([p], [torch.rand(4, 3) > 0.5])
+    from types import SimpleNamespace
+
+    cb.params = [SimpleNamespace(device=torch.device("meta"))]  # what model.to(device) does to p
+    cb.on_train_begin(None, None, None)
+    assert cb.masks[0].device.type == "meta"
+    assert cb.frozen_out[0].device.type == "meta" and cb.frozen_values[0].device.type == "meta"

@@ -162,6 +162,15 @@ class ChildDCallback(TrainerCallback):
         self.frozen_values = [p.detach()[f].clone() for p, f in zip(params, self.frozen_out, strict=True)]
 
     @torch.no_grad()
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # The Trainer moves the model to its device after prepare(): follow the parameters there.
+        self.masks = [m.to(p.device) for p, m in zip(self.params, self.masks, strict=True)]
+        self.frozen_out = [f.to(p.device) for p, f in zip(self.params, self.frozen_out, strict=True)]
+        self.frozen_values = [v.to(p.device) for p, v in zip(self.params, self.frozen_values, strict=True)]
+
+    @torch.no_grad()
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -195,6 +204,8 @@ class ChildDTuner(Tuner):
             raise ValueError(f"no trainable parameter name contains scope {self.spec.scope!r}")
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
+        if torch.cuda.is_available():  # the Fisher pass is a full backward per example: use the GPU
+            model.to("cuda")
         fisher = estimate_fisher(model, self._params, fisher_batches(), self.per_example)
         self._masks, self.threshold = select_child(fisher, self.spec.reserve_p)
         kept = sum(int(m.sum()) for m in self._masks)
