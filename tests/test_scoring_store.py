@@ -138,7 +138,13 @@ def test_interrupted_run_resumes(tiny: Path, tmp_path: Path, monkeypatch):
 
 def test_duplicate_texts_scored_once(tiny: Path):
     st = ScoreStats()
-    out = score_texts([("same text", None)] * 3 + [("other", None)], model=str(tiny), device="cpu", stats=st)
+    seen: list[tuple[int, int]] = []
+    items = [("same text", None)] * 3 + [("other", None)]
+    out = score_texts(
+        items, model=str(tiny), device="cpu", stats=st, progress=lambda d, n: seen.append((d, n))
+    )
     assert st.scored == 2 and len(out) == 4
+    assert seen[-1] == (4, 4) and all(n == 4 for _, n in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)  # monotone
     assert out[0] is out[1] is out[2]
     assert torch.get_num_threads() == 1  # the fixture's setting held

@@ -117,8 +117,15 @@ def score_texts(
         for a in range(0, len(order), FLUSH_TEXTS):
             chunk = order[a : a + FLUSH_TEXTS]
             t0 = time.perf_counter()
+            # Per-batch progress inside the chunk (distinct texts; exact counts after the chunk).
+            inner = None if progress is None else (lambda d, _n, base=done: progress(base + d, len(pairs)))
             res = scorer.score_encoded(
-                [encs[i] for i in chunk], metric=metric, mode=mode, stride=stride, token_budget=token_budget
+                [encs[i] for i in chunk],
+                metric=metric,
+                mode=mode,
+                stride=stride,
+                token_budget=token_budget,
+                progress=inner,
             )
             st.seconds += time.perf_counter() - t0
             for i, r in zip(chunk, res, strict=True):
