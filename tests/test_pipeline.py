@@ -80,3 +80,42 @@ def test_killed_run_resumes_without_redoing_validation_scoring_or_finished_runs(
     # A third run with nothing new: every step reused, and no new registry version.
     third = _summary(_run(cfg, env).stdout)
     assert third["registered"]["tag"] == s["registered"]["tag"]
+
+
+def test_new_domain_is_a_yaml_file_csv_pairs_numeric_labels(tmp_path, tiny_mlm_dir):
+    """A domain written from scratch: CSV, other field names, text pairs, numeric labels."""
+    import pandas as pd
+
+    rows = []
+    for i in range(90):
+        gold = i % 3
+        rows.append({"premise": f"claim {i} about item {i % 7}",
+                     "hypothesis": ["it holds", "it fails", "unclear"][gold] + f" for {i}", "gold": gold})
+    data = tmp_path / "nli"
+    data.mkdir()
+    pd.DataFrame(rows[:60]).to_csv(data / "train.csv", index=False)
+    pd.DataFrame(rows[60:75]).to_csv(data / "dev.csv", index=False)
+    pd.DataFrame(rows[75:]).to_csv(data / "test.csv", index=False)
+    cfg = tmp_path / "nli.yaml"
+    cfg.write_text(f"""
+domain:
+  name: toy_nli
+  data_root: {data}
+  splits: {{train: {{path: train.csv}}, dev: {{path: dev.csv}}, test: {{path: test.csv}}}}
+  text_field: premise
+  text_pair_field: hypothesis
+  label_field: gold
+  metric: accuracy
+model: {{name_or_path: {tiny_mlm_dir}, max_length: 32}}
+scoring: {{store_dir: {tmp_path / 'scores'}}}
+strategies: [{{kind: l3}}]
+training: {{seeds: [1], epochs: 1, batch_size: 16}}
+output_dir: {tmp_path / 'out'}
+""")
+    proc = _run(cfg, _env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = _summary(proc.stdout)
+    assert s["registered"]["tag"].startswith("l3m-toy_nli:")
+    meta = json.loads((Path(s["chosen_run"]["model_dir"]) / "l3m.json").read_text())
+    assert meta["text_pair"] is True and meta["label_names"] == ["0", "1", "2"]
+    assert s["scoring"]["texts_scored"] == 90  # pairs scored as the model sees them (text + pair)
