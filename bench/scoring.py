@@ -127,7 +127,9 @@ def worker(cfg: dict) -> dict:
     copies = [(e.length, int((t >= 0).sum())) for e, p in zip(encs, plans, strict=True) for t in p.targets]
     dims = Dims.of(scorer.model.config)
     useful = useful_flops(dims, copies)
-    executed = executed_flops_packed(dims, copies) if scorer.packed is not None else None
+    executed = (
+        executed_flops_packed(dims, copies, [e.length for e in encs]) if scorer.packed is not None else None
+    )
     n_tokens = sum(int(np.isfinite(s).sum()) for s in scores)
     return {
         "seconds": best,

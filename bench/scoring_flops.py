@@ -5,7 +5,7 @@ usual way (2 FLOPs per multiply-add, matmuls only): every masked copy through th
 without padding, plus the MLM head at its target rows only. Per copy of length L, per layer:
 L (8 d^2 + 4 d f) for the projections and feed-forward, 4 L^2 d for attention; per target
 2 d^2 + 2 d V for the head. Executed FLOPs are what l3m's packed path actually runs (its last
-layer only at the targets), so useful/executed > 1 is the saving of that trick.
+layer only at the targets, layer 0's Q/K/V once per text), so useful/executed > 1 is the saving.
 """
 
 from __future__ import annotations
@@ -42,9 +42,12 @@ def useful_flops(dims: Dims, copies: list[tuple[int, int]]) -> float:
     return sum(dims.layers * layer_flops(dims, L) + m * head_flops(dims) for L, m in copies)
 
 
-def executed_flops_packed(dims: Dims, copies: list[tuple[int, int]]) -> float:
+def executed_flops_packed(dims: Dims, copies: list[tuple[int, int]], texts: list[int] | None = None) -> float:
+    """``texts``: length of each text; layer 0's Q/K/V then runs on 2 L rows per text, not per copy."""
     d, f = dims.d, dims.f
     total = 0.0
+    if texts is not None and dims.layers > 1:
+        total += sum(2 * L * 6 * d * d for L in texts) - sum(L * 6 * d * d for L, _ in copies)
     for L, m in copies:
         last = L * 4 * d * d + m * (2 * d * d + 4 * L * d + 2 * d * d + 4 * d * f)
         total += (dims.layers - 1) * layer_flops(dims, L) + last + m * head_flops(dims)

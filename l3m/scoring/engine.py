@@ -109,7 +109,9 @@ class PLLScorer:
         self.model = model.to(self.device).eval()
         self.head = MLMHead(self.model, self.compute_dtype)
         self.packed = (
-            PackedEncoder(self.model, self.compute_dtype) if packed and supports_packed(model) else None
+            PackedEncoder(self.model, self.compute_dtype, mask_token_id=tokenizer.mask_token_id)
+            if packed and supports_packed(model)
+            else None
         )
         self.stats = EngineStats()
         self._lock = threading.Lock()  # one forward at a time: threads share the model and cores
@@ -207,7 +209,7 @@ class PLLScorer:
         )
         before = self.stats.padded_tokens
         if self.packed is not None:
-            hidden = self.packed.forward(self._groups(batch, copies, targets))
+            hidden = self.packed.forward(self._groups(batch, copies, targets, encs, plans))
             self.stats.padded_tokens += sum((u.r1 - u.r0) * u.length for u in batch)
         else:
             hidden = self._library_forward(batch, copies, targets)
@@ -221,7 +223,14 @@ class PLLScorer:
         self.stats.targets += int(target_ids.shape[0])
         return logp.cpu().numpy()
 
-    def _groups(self, batch: list[_Unit], copies: list, targets: list[np.ndarray]) -> list[Group]:
+    def _groups(
+        self,
+        batch: list[_Unit],
+        copies: list,
+        targets: list[np.ndarray],
+        encs: Sequence[EncodedText],
+        plans: Sequence[Plan],
+    ) -> list[Group]:
         """Consecutive units of equal length become one attention group (one SDPA call)."""
         groups: list[Group] = []
         i = 0
@@ -233,12 +242,22 @@ class PLLScorer:
             tts = [copies[k][1] for k in range(i, j + 1)]
             m = max(targets[k].shape[1] for k in range(i, j + 1))
             tg = np.concatenate([_pad_cols(targets[k], m) for k in range(i, j + 1)])
+            units = batch[i : j + 1]
+            u, L = len(units), units[0].length
+            base = np.stack([encs[x.text].input_ids for x in units])
+            base_tt = None if tts[0] is None else np.stack([encs[x.text].token_type_ids for x in units])
+            masked = np.concatenate([plans[x.text].mask[x.r0 : x.r1] for x in units])
+            text_of_copy = np.repeat(np.arange(u), [x.r1 - x.r0 for x in units])
+            rows = masked * (u * L) + text_of_copy[:, None] * L + np.arange(L)[None, :]
             groups.append(
                 Group(
                     self._t(ids),
                     None if tts[0] is None else self._t(np.concatenate(tts)),
                     self._t(tg),
                     self._t(np.flatnonzero(tg.reshape(-1) >= 0)),
+                    self._t(base),
+                    None if base_tt is None else self._t(base_tt),
+                    self._t(rows.reshape(-1).astype(np.int64)),
                 )
             )
             i = j + 1
