@@ -20,8 +20,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 setup: $(BIN)/.installed
 
-demo: setup  ## the main job on the embedded default domain (citation_intent, shared model, CPU)
-	$(BIN)/l3m validate domains/citation_intent.yaml
+demo: setup  ## the main job: the whole pipeline on the default domain (citation_intent, shared model, CPU)
+	$(BIN)/l3m run configs/demo.yaml
 
 test: setup  ## the default test suite (slow tests excluded)
 	$(BIN)/python -m pytest -q
