@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForMaskedLM
 
-from l3m.config import DEFAULT_SHARED, DomainConfig, MaskingSpec, RunConfig, TunerSpec
+from l3m.config import DomainConfig, MaskingSpec, RunConfig, TunerSpec
 from l3m.data.loading import load_domain
 from l3m.modeling import build_multitask_model
 from l3m.train import TrainInputs, encode_domain, train_one
@@ -21,16 +21,9 @@ WORDS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A 2-layer random BERT MLM with the shared model's tokenizer, saved like a hub model."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(DEFAULT_SHARED / "models" / "minilm-l6-mlm")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertForMaskedLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def tiny_model(tiny_mlm_dir):
+    """The conftest's 2-layer random BERT MLM with the shared tokenizer."""
+    return tiny_mlm_dir
 
 
 @pytest.fixture(scope="module")
