@@ -61,12 +61,12 @@ def register_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"register-{digest}-{parameters.get('promote_margin', 0.0)}"
 
 
-validate_cached = validate_task.with_options(
-    name="validate-domain (cached)", cache_key_fn=validation_cache_key, persist_result=True
-)
-register_cached = register_task.with_options(
-    name="register-model (cached)", cache_key_fn=register_cache_key, persist_result=True
-)
+# The same task functions as the stand-alone flows, re-wrapped with a cache key and persisted
+# results (so a rerun in another process finds them under PREFECT_HOME).
+validate_cached = task(validate_task.fn, name="validate-domain (cached)", cache_key_fn=validation_cache_key,
+                       persist_result=True)
+register_cached = task(register_task.fn, name="register-model (cached)", cache_key_fn=register_cache_key,
+                       persist_result=True)
 
 
 def best_run(runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
