@@ -43,13 +43,9 @@ def validate(config: Config, set_: Sets = None,
             out = validate_flow(str(config), set_ or [])
         else:
             from flows.common import as_config
-            from l3m.data.loading import read_raw
-            from l3m.data.report import write_report
-            from l3m.data.validation import validate_domain
+            from flows.validate import validate_and_report
 
-            cfg = as_config(config, set_ or [])
-            rep = validate_domain(cfg.domain, read_raw(cfg.domain))
-            paths = write_report(rep, cfg.resolved_output_dir() / "validation")
+            rep, paths = validate_and_report(as_config(config, set_ or []))
             if not rep.passed:
                 raise DataValidationError(rep)
             out = {"passed": True, "warnings": len(rep.warnings), "report": str(paths["markdown"])}

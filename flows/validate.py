@@ -12,15 +12,20 @@ from flows.common import artifact_key, as_config
 from l3m.config import RunConfig
 from l3m.data.loading import read_raw
 from l3m.data.report import to_markdown, write_report
-from l3m.data.validation import DataValidationError, validate_domain
+from l3m.data.validation import DataValidationError, ValidationReport, validate_domain
+
+
+def validate_and_report(cfg: RunConfig) -> tuple[ValidationReport, dict[str, Path]]:
+    """Read, validate and write the report files; shared by the task and `l3m validate --no-prefect`."""
+    raw = read_raw(cfg.domain)  # DataError (missing file, bad line, wrong field) fails here, clearly
+    report = validate_domain(cfg.domain, raw)
+    return report, write_report(report, cfg.resolved_output_dir() / "validation")
 
 
 @task(name="validate-domain")
 def validate_task(cfg: RunConfig) -> dict[str, Any]:
     logger = get_run_logger()
-    raw = read_raw(cfg.domain)  # DataError (missing file, bad line, wrong field) fails here, clearly
-    report = validate_domain(cfg.domain, raw)
-    paths = write_report(report, cfg.resolved_output_dir() / "validation")
+    report, paths = validate_and_report(cfg)
     md = to_markdown(report)
     create_markdown_artifact(markdown=md, key=artifact_key("validation", cfg.domain.name),
                              description=f"Data validation of {cfg.domain.name}")

@@ -46,10 +46,6 @@ class LoadedDomain:
     fingerprint: str = ""
     has_pair: bool = False
 
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {n: i for i, n in enumerate(self.label_names)}
-
 
 # --------------------------------------------------------------------------- reading
 
