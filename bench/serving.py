@@ -61,13 +61,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(home: Path, tag: str, batching: bool, log: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    home: Path, tag: str, batching: bool, log: Path, max_batch: int, dtype: str
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = os.environ | {
         "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false", "L3M_MODEL_TAG": tag,
         "L3M_TORCH_THREADS": os.environ.get("L3M_TORCH_THREADS", "1"),
         "L3M_BATCHING": "on" if batching else "off", "L3M_MAX_BATCH_SIZE": str(max_batch),
+        "L3M_DTYPE": dtype,
     }
     cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:L3MClassifier",
            "--host", "127.0.0.1", "--port", str(port)]
@@ -153,11 +156,12 @@ def load_texts() -> list[str]:
     return texts
 
 
-def model_ceiling(model_dir: Path, texts: list[str], threads: int) -> dict:
+def model_ceiling(model_dir: Path, texts: list[str], threads: int, dtype: str) -> dict:
     """In-process ms/text of the forward path alone (no HTTP): batch 1 vs a 32-text batch.
 
     The ratio bounds what adaptive batching can gain on this host: the HTTP path adds the same
-    per-request cost to both modes.
+    per-request cost to both modes. With a non-float32 dtype, also the share of labels equal
+    to float32's on the same texts.
     """
     import torch
 
@@ -172,12 +176,17 @@ def model_ceiling(model_dir: Path, texts: list[str], threads: int) -> dict:
         for _ in range(2):
             t0 = time.perf_counter()
             for i in range(0, len(sample), bs):
-                predict(model, tok, meta, sample[i:i + bs])
+                predict(model, tok, meta, sample[i:i + bs], dtype=dtype)
             best = min(best, (time.perf_counter() - t0) / len(sample) * 1000)
         return round(best, 2)
 
     one, batched = per_text(1), per_text(32)
-    return {"ms_per_text_batch1": one, "ms_per_text_batch32": batched, "ratio": round(one / batched, 2)}
+    out = {"dtype": dtype, "ms_per_text_batch1": one, "ms_per_text_batch32": batched, "ratio": round(one / batched, 2)}
+    if dtype != "float32":
+        ref = [p["label"] for p in predict(model, tok, meta, texts)]
+        low = [p["label"] for p in predict(model, tok, meta, texts, dtype=dtype)]
+        out["labels_equal_to_float32"] = f"{sum(a == b for a, b in zip(ref, low, strict=True))}/{len(texts)}"
+    return out
 
 
 def markdown(results: list[dict]) -> str:
@@ -205,6 +214,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=4, help="alternating rounds per level")
     ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", help="L3M_DTYPE of both servers: float32 or bfloat16 (autocast)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/serving.json"))
     args = ap.parse_args()
     levels = sorted(int(x) for x in args.levels.split(","))
@@ -219,7 +229,8 @@ def main() -> None:
     servers = {}
     try:
         for mode, batching in (("batching", True), ("batch size 1", False)):
-            servers[mode] = start_server(work / "bentoml", tag, batching, work / f"{mode[:5]}.log", args.max_batch_size)
+            servers[mode] = start_server(work / "bentoml", tag, batching, work / f"{mode[:5]}.log",
+                                         args.max_batch_size, args.dtype)
         for proc, url in servers.values():
             wait_ready(proc, url)
         results = []
@@ -243,10 +254,10 @@ def main() -> None:
     finally:
         for proc, _ in servers.values():
             stop(proc)
-    ceiling = model_ceiling(model_dir, texts, int(os.environ.get("L3M_TORCH_THREADS", "1")))
+    ceiling = model_ceiling(model_dir, texts, int(os.environ.get("L3M_TORCH_THREADS", "1")), args.dtype)
     print(json.dumps({"in_process_forward": ceiling}), flush=True)
     report = {"in_process_forward": ceiling, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-              "model": str(model_dir), "tag": tag, "max_batch_size": args.max_batch_size, "results": results}
+              "model": str(model_dir), "tag": tag, "max_batch_size": args.max_batch_size, "dtype": args.dtype, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(markdown(results))

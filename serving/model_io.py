@@ -53,8 +53,12 @@ class ModelMeta:
 
     def headline_metrics(self) -> dict[str, dict[str, float]]:
         """Per split, only the scalar metrics (training also stores per-class tables, confusion matrices)."""
-        return {split: {k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-                for split, m in self.metrics.items()}
+        return {
+            split: {
+                k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            for split, m in self.metrics.items()
+        }
 
     def dev_score(self) -> float | None:
         value = self.metrics.get("dev", {}).get(self.metric)
@@ -139,18 +143,34 @@ def load_classifier(model_path: str | Path) -> tuple[Any, Any, ModelMeta]:
     root = Path(model_path)
     meta = read_meta(root)
     if not (root / "config.json").is_file():
-        raise ModelDirError(f"{root}: no config.json; compact ({meta.tuner}) model formats are not supported yet")
+        raise ModelDirError(
+            f"{root}: no config.json; compact ({meta.tuner}) model formats are not supported yet"
+        )
     model = AutoModelForSequenceClassification.from_pretrained(str(root), use_safetensors=True)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(root))
     n_out = int(model.config.num_labels)
     if n_out != len(meta.label_names):
-        raise ModelDirError(f"{root}: model has {n_out} outputs, {META_FILE} names {len(meta.label_names)} labels")
+        raise ModelDirError(
+            f"{root}: model has {n_out} outputs, {META_FILE} names {len(meta.label_names)} labels"
+        )
     return model, tokenizer, meta
 
 
 # Padded tokens per forward pass when a batch is split by length (see predict).
 CHUNK_TOKENS = 512
+
+
+SERVING_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def amp_dtype(name: str) -> Any:
+    """Serving dtype name -> the autocast dtype, or None for plain float32."""
+    import torch
+
+    if name not in SERVING_DTYPES:
+        raise ValueError(f"unknown serving dtype {name!r}; expected one of {list(SERVING_DTYPES)}")
+    return None if name == "float32" else getattr(torch, name)
 
 
 def predict(
@@ -160,6 +180,7 @@ def predict(
     texts: list[str],
     pairs: list[str] | None = None,
     chunk_tokens: int = CHUNK_TOKENS,
+    dtype: str = "float32",
 ) -> list[dict[str, Any]]:
     """Label, score, probability map and truncation flag per text, in input order.
 
@@ -168,8 +189,14 @@ def predict(
     by length and cut into forward passes of at most ``chunk_tokens`` padded tokens: padding a
     whole adaptive batch to its longest text wasted more compute (measured ~2x on
     citation_intent, lengths 10-128) than batching saved.
+
+    ``dtype`` other than float32 runs the forward under autocast (bf16 on CPUs with AMX /
+    AVX512-BF16, or on GPUs): weights stay float32, matmuls run in the low dtype. Not bit-equal
+    to the float32 evaluation; docs/serving.md has the measured agreement.
     """
     import torch
+
+    amp = amp_dtype(dtype)
 
     if not texts:
         return []
@@ -179,7 +206,8 @@ def predict(
     probs: list[list[float]] = [[] for _ in texts]
     for chunk in _length_chunks([len(x) for x in ids], chunk_tokens):
         batch = tokenizer.pad({k: [enc[k][i] for i in chunk] for k in enc}, return_tensors="pt")
-        with torch.inference_mode():
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        with torch.inference_mode(), torch.autocast(model.device.type, dtype=amp, enabled=amp is not None):
             logits = model(**batch).logits
         for i, row in zip(chunk, torch.softmax(logits.float(), dim=-1).tolist(), strict=True):
             probs[i] = row

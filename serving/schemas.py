@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
 
+from serving.model_io import SERVING_DTYPES
+
 DEFAULT_DOMAIN = "citation_intent"
 
 
@@ -33,6 +35,7 @@ class Settings:
     max_batch_size: int  # L3M_MAX_BATCH_SIZE: texts per adaptive batch
     max_latency_ms: int  # L3M_MAX_LATENCY_MS: BentoML sheds (503) requests queued longer than this
     torch_threads: int  # L3M_TORCH_THREADS: intra-op threads of the worker (0: torch's default)
+    dtype: str  # L3M_DTYPE: float32 (default; equals offline evaluation) or bfloat16/float16 autocast
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -50,7 +53,17 @@ class Settings:
             # made a single-text forward pass 15-25x slower under co-tenant load (35 ms -> 550-880
             # ms, docs/serving.md). Scale with workers, not threads.
             torch_threads=_env_int("L3M_TORCH_THREADS", 1),
+            # bfloat16 uses AMX / AVX512-BF16 matmuls on CPUs that have them: a 32-text batch
+            # ran 2x faster per text than float32 here (docs/serving.md), batch 1 barely faster.
+            dtype=_env_choice("L3M_DTYPE", "float32", SERVING_DTYPES),
         )
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name) or default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+    return value
 
 
 def _not_blank(value: str) -> str:
@@ -117,3 +130,4 @@ class Metadata(BaseModel):
     code_version: str | None
     max_texts: int
     batching: bool
+    dtype: str

@@ -132,9 +132,22 @@ class L3MClassifier:
         self.model, self.tokenizer, self.meta = load_classifier(self.bento_model.path)
         # One forward pass before reporting ready: the first call pays lazy initialisation
         # that should not land on a user's request.
-        predict(self.model, self.tokenizer, self.meta, ["warm up"], ["warm up"] if self.meta.text_pair else None)
+        predict(
+            self.model,
+            self.tokenizer,
+            self.meta,
+            ["warm up"],
+            ["warm up"] if self.meta.text_pair else None,
+            dtype=SETTINGS.dtype,
+        )
         self._ready = True
-        logger.info("loaded %s (batching=%s, torch threads=%d)", self.tag, SETTINGS.batching, torch.get_num_threads())
+        logger.info(
+            "loaded %s (batching=%s, torch threads=%d, dtype=%s)",
+            self.tag,
+            SETTINGS.batching,
+            torch.get_num_threads(),
+            SETTINGS.dtype,
+        )
 
     def __is_ready__(self) -> bool:
         return self._ready
@@ -148,16 +161,28 @@ class L3MClassifier:
     def classify(self, texts: Texts) -> list[Prediction]:
         """Classify one text or a list (pairs for pair domains): label, score, probabilities."""
         plain, pairs = split_items(texts)
-        return [Prediction(**p) for p in predict(self.model, self.tokenizer, self.meta, plain, pairs)]
+        preds = predict(self.model, self.tokenizer, self.meta, plain, pairs, dtype=SETTINGS.dtype)
+        return [Prediction(**p) for p in preds]
 
     @info_app.get("/metadata")
     def metadata(self) -> Metadata:
         m = self.meta
         return Metadata(
-            model_tag=self.tag, domain=m.domain, labels=m.label_names, metric=m.metric,
-            metrics=m.headline_metrics(), base_model=m.base_model, base_revision=m.base_revision,
-            strategy=m.strategy, tuner=m.tuner, max_length=m.max_length, text_pair=m.text_pair,
-            code_version=m.code_version, max_texts=SETTINGS.max_texts, batching=SETTINGS.batching,
+            model_tag=self.tag,
+            domain=m.domain,
+            labels=m.label_names,
+            metric=m.metric,
+            metrics=m.headline_metrics(),
+            base_model=m.base_model,
+            base_revision=m.base_revision,
+            strategy=m.strategy,
+            tuner=m.tuner,
+            max_length=m.max_length,
+            text_pair=m.text_pair,
+            code_version=m.code_version,
+            max_texts=SETTINGS.max_texts,
+            batching=SETTINGS.batching,
+            dtype=SETTINGS.dtype,
         )
 
 

@@ -60,3 +60,25 @@ def test_batched_prediction_equals_one_by_one_for_pairs_with_truncation(pair_mod
     # The project-wide encoding: exactly what the tokenizer gives with truncation at max_length.
     enc = tok(texts[1], pairs[1], truncation=True, max_length=meta.max_length)
     assert len(enc["input_ids"]) == meta.max_length
+
+
+def test_bfloat16_serving_is_close_to_float32_and_bad_dtypes_are_named(pair_model, monkeypatch):
+    model, tok, meta = pair_model
+    texts, pairs = ["a short premise", "another premise here"], ["hypothesis", "a hypothesis"]
+    fp32 = predict(model, tok, meta, texts, pairs)
+    bf16 = predict(model, tok, meta, texts, pairs, dtype="bfloat16")
+    for a, b in zip(fp32, bf16, strict=True):
+        assert set(b["probabilities"]) == set(a["probabilities"])
+        assert sum(b["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        # bf16 matmuls: close to, not equal to, float32 (a tiny random model's probabilities)
+        assert b["probabilities"] == pytest.approx(a["probabilities"], abs=0.05)
+        assert b["probabilities"] != a["probabilities"]
+    with pytest.raises(ValueError, match="unknown serving dtype 'fp8'"):
+        predict(model, tok, meta, texts, pairs, dtype="fp8")
+    from serving.schemas import Settings
+
+    monkeypatch.setenv("L3M_DTYPE", "half")
+    with pytest.raises(ValueError, match="L3M_DTYPE='half' is not one of"):
+        Settings.from_env()
+    monkeypatch.setenv("L3M_DTYPE", "bfloat16")
+    assert Settings.from_env().dtype == "bfloat16"
