@@ -75,9 +75,7 @@ def locked_ledger(home: Path) -> Iterator[dict[str, Any]]:
 
 
 def add_event(ledger: dict[str, Any], action: str, tag: str, domain: str, reason: str) -> None:
-    ledger["events"].append(
-        {"time": now_iso(), "action": action, "tag": tag, "domain": domain, "reason": reason}
-    )
+    ledger["events"].append({"time": now_iso(), "action": action, "tag": tag, "domain": domain, "reason": reason})
 
 
 def domain_state(ledger: dict[str, Any], domain: str) -> dict[str, Any]:

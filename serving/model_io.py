@@ -53,12 +53,8 @@ class ModelMeta:
 
     def headline_metrics(self) -> dict[str, dict[str, float]]:
         """Per split, only the scalar metrics (training also stores per-class tables, confusion matrices)."""
-        return {
-            split: {
-                k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)
-            }
-            for split, m in self.metrics.items()
-        }
+        return {split: {k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+                for split, m in self.metrics.items()}
 
     def dev_score(self) -> float | None:
         value = self.metrics.get("dev", {}).get(self.metric)
@@ -143,17 +139,13 @@ def load_classifier(model_path: str | Path) -> tuple[Any, Any, ModelMeta]:
     root = Path(model_path)
     meta = read_meta(root)
     if not (root / "config.json").is_file():
-        raise ModelDirError(
-            f"{root}: no config.json; compact ({meta.tuner}) model formats are not supported yet"
-        )
+        raise ModelDirError(f"{root}: no config.json; compact ({meta.tuner}) model formats are not supported yet")
     model = AutoModelForSequenceClassification.from_pretrained(str(root), use_safetensors=True)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(root))
     n_out = int(model.config.num_labels)
     if n_out != len(meta.label_names):
-        raise ModelDirError(
-            f"{root}: model has {n_out} outputs, {META_FILE} names {len(meta.label_names)} labels"
-        )
+        raise ModelDirError(f"{root}: model has {n_out} outputs, {META_FILE} names {len(meta.label_names)} labels")
     return model, tokenizer, meta
 
 
@@ -197,7 +189,6 @@ def predict(
     import torch
 
     amp = amp_dtype(dtype)
-
     if not texts:
         return []
     enc = tokenizer(texts, pairs, truncation=True, max_length=meta.max_length)

@@ -103,9 +103,7 @@ def _clean(value: Any) -> Any:
 def _metadata(meta: ModelMeta) -> dict[str, Any]:
     # All of l3m.json (full strategy/tuner specs, per-class reports, seed, ...) plus the
     # normalised names, so `bentoml models get` alone tells what a version is.
-    return _clean(
-        meta.raw | {"strategy_kind": meta.strategy, "tuner_kind": meta.tuner, "metric": meta.metric}
-    )
+    return _clean(meta.raw | {"strategy_kind": meta.strategy, "tuner_kind": meta.tuner, "metric": meta.metric})
 
 
 def _decide(ledger: dict[str, Any], meta: ModelMeta, margin: float) -> tuple[bool, str]:
@@ -180,25 +178,16 @@ def promote(tag: str, force: bool = False, *, margin: float = 0.0) -> RegisterRe
         entry = ledger["models"].setdefault(tag, _entry_from_store(model, meta))
         current = domain_state(ledger, meta.domain)["production"]
         if current == tag:
-            return RegisterResult(
-                tag,
-                meta.domain,
-                PRODUCTION,
-                False,
-                "already production",
-                meta.metric,
-                meta.dev_score(),
-                current,
-            )
+            return RegisterResult(tag, meta.domain, PRODUCTION, False, "already production", meta.metric,
+                                  meta.dev_score(), current)
         ok, reason = _decide(ledger, meta, margin)
         if not ok and force:
             ok, reason = True, f"forced: {reason}"
         if not ok:
             entry["reason"] = reason
             add_event(ledger, "promote-refused", tag, meta.domain, reason)
-            return RegisterResult(
-                tag, meta.domain, entry["stage"], False, reason, meta.metric, meta.dev_score(), current
-            )
+            return RegisterResult(tag, meta.domain, entry["stage"], False, reason, meta.metric,
+                                  meta.dev_score(), current)
         previous = _make_production(ledger, tag, meta.domain, reason)
         add_event(ledger, "promote", tag, meta.domain, reason)
     return RegisterResult(tag, meta.domain, PRODUCTION, True, reason, meta.metric, meta.dev_score(), previous)
@@ -226,9 +215,8 @@ def rollback(domain: str) -> RegisterResult:
         ledger["models"][target].update(stage=PRODUCTION, reason=reason)
         add_event(ledger, "rollback", target, domain, reason)
         entry = ledger["models"][target]
-    return RegisterResult(
-        target, domain, PRODUCTION, True, reason, entry.get("metric", ""), entry.get("dev_score"), current
-    )
+    return RegisterResult(target, domain, PRODUCTION, True, reason, entry.get("metric", ""),
+                          entry.get("dev_score"), current)
 
 
 def production_tag(domain: str) -> str | None:
@@ -238,14 +226,9 @@ def production_tag(domain: str) -> str | None:
 
 def _entry_from_store(model: Any, meta: ModelMeta) -> dict[str, Any]:
     # A model saved into the store by other means than register(): it starts as a candidate.
-    return {
-        "domain": meta.domain,
-        "stage": CANDIDATE,
-        "reason": "not registered through l3m",
-        "metric": meta.metric,
-        "dev_score": meta.dev_score(),
-        "registered_at": model.info.creation_time.isoformat(timespec="seconds"),
-    }
+    return {"domain": meta.domain, "stage": CANDIDATE, "reason": "not registered through l3m",
+            "metric": meta.metric, "dev_score": meta.dev_score(),
+            "registered_at": model.info.creation_time.isoformat(timespec="seconds")}
 
 
 def _summary(model: Any, ledger: dict[str, Any]) -> dict[str, Any]:

@@ -132,22 +132,11 @@ class L3MClassifier:
         self.model, self.tokenizer, self.meta = load_classifier(self.bento_model.path)
         # One forward pass before reporting ready: the first call pays lazy initialisation
         # that should not land on a user's request.
-        predict(
-            self.model,
-            self.tokenizer,
-            self.meta,
-            ["warm up"],
-            ["warm up"] if self.meta.text_pair else None,
-            dtype=SETTINGS.dtype,
-        )
+        warm_pair = ["warm up"] if self.meta.text_pair else None
+        predict(self.model, self.tokenizer, self.meta, ["warm up"], warm_pair, dtype=SETTINGS.dtype)
         self._ready = True
-        logger.info(
-            "loaded %s (batching=%s, torch threads=%d, dtype=%s)",
-            self.tag,
-            SETTINGS.batching,
-            torch.get_num_threads(),
-            SETTINGS.dtype,
-        )
+        logger.info("loaded %s (batching=%s, torch threads=%d, dtype=%s)",
+                    self.tag, SETTINGS.batching, torch.get_num_threads(), SETTINGS.dtype)
 
     def __is_ready__(self) -> bool:
         return self._ready
@@ -168,20 +157,10 @@ class L3MClassifier:
     def metadata(self) -> Metadata:
         m = self.meta
         return Metadata(
-            model_tag=self.tag,
-            domain=m.domain,
-            labels=m.label_names,
-            metric=m.metric,
-            metrics=m.headline_metrics(),
-            base_model=m.base_model,
-            base_revision=m.base_revision,
-            strategy=m.strategy,
-            tuner=m.tuner,
-            max_length=m.max_length,
-            text_pair=m.text_pair,
-            code_version=m.code_version,
-            max_texts=SETTINGS.max_texts,
-            batching=SETTINGS.batching,
+            model_tag=self.tag, domain=m.domain, labels=m.label_names, metric=m.metric,
+            metrics=m.headline_metrics(), base_model=m.base_model, base_revision=m.base_revision,
+            strategy=m.strategy, tuner=m.tuner, max_length=m.max_length, text_pair=m.text_pair,
+            code_version=m.code_version, max_texts=SETTINGS.max_texts, batching=SETTINGS.batching,
             dtype=SETTINGS.dtype,
         )
 

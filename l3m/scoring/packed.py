@@ -215,17 +215,13 @@ class PackedEncoder:
             offsets.append(offsets[-1] + c * L)
         for i, lay in enumerate(self.layers[:-1]):
             qkv = qkv0 if i == 0 and qkv0 is not None else self._lin_rows(x, lay.w_qkv, lay.b_qkv)
-            if len(shapes) == 1:  # SDPA's output is [c, L, h, dh] in memory: a free view, no copy
-                c, L = shapes[0]
-                ctx = F.scaled_dot_product_attention(*self._heads(qkv, c, L, 3)).transpose(1, 2).reshape(c * L, -1)
-                x = self._ffn(lay, ctx, x)
-                continue
-            ctx = torch.empty(x.shape[0], x.shape[1], dtype=qkv.dtype, device=x.device)
-            for (c, L), a, b in zip(shapes, offsets[:-1], offsets[1:], strict=True):
-                q, k, v = self._heads(qkv[a:b], c, L, 3)
-                o = F.scaled_dot_product_attention(q, k, v)  # [c, h, L, dh]
-                ctx[a:b].view(c, L, self.n_heads, -1).copy_(o.transpose(1, 2))
-            x = self._ffn(lay, ctx, x)
+            # SDPA's output [c, h, L, dh] lies in memory as [c, L, h, dh], so each group's rows
+            # are a free view; only a batch of several groups pays one concatenation.
+            parts = [
+                F.scaled_dot_product_attention(*self._heads(qkv[a:b], c, L, 3)).transpose(1, 2).reshape(c * L, -1)
+                for (c, L), a, b in zip(shapes, offsets[:-1], offsets[1:], strict=True)
+            ]
+            x = self._ffn(lay, parts[0] if len(parts) == 1 else torch.cat(parts), x)
         return self._last_layer(self.layers[-1], x, groups, shapes, offsets)
 
     def _embed(self, groups: Sequence[Group], shapes: list[tuple[int, int]]) -> torch.Tensor:
