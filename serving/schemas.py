@@ -54,7 +54,7 @@ class Settings:
             # ms, docs/serving.md). Scale with workers, not threads.
             torch_threads=_env_int("L3M_TORCH_THREADS", 1),
             # bfloat16 uses AMX / AVX512-BF16 matmuls on CPUs that have them: a 32-text batch
-            # ran 2x faster per text than float32 here (docs/serving.md), batch 1 barely faster.
+            # ran 1.8x faster per text than float32 here (docs/serving.md), batch 1 barely faster.
             dtype=_env_choice("L3M_DTYPE", "float32", SERVING_DTYPES),
         )
 
