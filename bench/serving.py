@@ -189,6 +189,24 @@ def model_ceiling(model_dir: Path, texts: list[str], threads: int, dtype: str) -
     return out
 
 
+def served_vs_offline(model_dir: Path, urls: dict[str, str]) -> dict:
+    """Each server replays the offline evaluation's test predictions stored with a model trained by
+    l3m (``l3m models verify``); the default bench model has none, so this is skipped for it."""
+    from serving.verify import predictions_path, verify
+
+    try:
+        predictions_path(model_dir, "test")
+    except FileNotFoundError as e:
+        return {"skipped": str(e)}
+    out = {}
+    for mode, url in urls.items():
+        rep = verify(url, model_dir, "test", texts_per_request=4, concurrency=8).to_dict()
+        out[mode] = rep
+        print(json.dumps({"served_vs_offline": mode} | {k: rep[k] for k in ("n", "ok", "label_agreement", "max_prob_diff",
+                                                                           "served_accuracy", "offline_accuracy")}), flush=True)
+    return out
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| concurrency | requests | mode | throughput (req/s) | p50 (ms) | p99 (ms) | failed | 5xx |",
              "|---:|---:|---|---:|---:|---:|---:|---:|"]
@@ -251,13 +269,15 @@ def main() -> None:
                 r = summarize(runs, c) | {"mode": mode}
                 print(json.dumps(r), flush=True)
                 results.append(r)
+        parity = served_vs_offline(model_dir, {mode: url for mode, (_, url) in servers.items()})
     finally:
         for proc, _ in servers.values():
             stop(proc)
     ceiling = model_ceiling(model_dir, texts, int(os.environ.get("L3M_TORCH_THREADS", "1")), args.dtype)
     print(json.dumps({"in_process_forward": ceiling}), flush=True)
     report = {"in_process_forward": ceiling, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-              "model": str(model_dir), "tag": tag, "max_batch_size": args.max_batch_size, "dtype": args.dtype, "results": results}
+              "model": str(model_dir), "tag": tag, "max_batch_size": args.max_batch_size, "dtype": args.dtype, "results": results,
+              "served_vs_offline": parity}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(markdown(results))

@@ -145,6 +145,31 @@ def models_rollback(domain: str) -> None:
         _fail(e)
 
 
+@models.command("verify")
+def models_verify(
+    url: Annotated[str, typer.Option(help="base URL of the running service")] = "http://127.0.0.1:3000",
+    model: Annotated[str | None, typer.Option(help="tag or model directory (default: the tag /metadata names)")] = None,
+    split: Annotated[str, typer.Option(help="split whose offline predictions to replay")] = "test",
+    concurrency: Annotated[int, typer.Option(help="requests in flight")] = 8,
+) -> None:
+    """Replay a split's offline-evaluation inputs against a running service; exit 1 on any label mismatch."""
+    import httpx
+
+    from serving.verify import verify
+
+    try:
+        if model is None:
+            model = str(httpx.get(f"{url.rstrip('/')}/metadata", timeout=30).raise_for_status().json()["model_tag"])
+        path = Path(model) if Path(model).is_dir() else Path(_registry().show(model)["path"])
+        report = verify(url, path, split, concurrency=concurrency)
+    except (_registry().RegistryError, FileNotFoundError, httpx.HTTPError, RuntimeError) as e:
+        _fail(e)
+        return
+    _echo({"model": model, **report.to_dict()})
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(sys.argv[1:])
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+# Per-example offline predictions, one JSONL per split, inside the exported model directory.
+PREDICTIONS_DIR = "predictions"
 
 
 def _preds(logits: Any) -> np.ndarray:
@@ -45,6 +50,50 @@ def full_report(y_true: Sequence[int], y_pred: Sequence[int], label_names: list[
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
         "confusion_labels": label_names,
     }
+
+
+def prediction_records(
+    logits: Any,
+    gold: Sequence[int],
+    label_names: list[str],
+    texts: Sequence[str],
+    pairs: Sequence[str | None] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per example of the offline evaluation: its input, gold and predicted label and
+    the probability map. Kept with the model so a deployment can be checked against exactly the
+    predictions its reported metrics were computed from (``l3m models verify``)."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(-1, keepdims=True))
+    probs = z / z.sum(-1, keepdims=True)
+    if not (len(probs) == len(gold) == len(texts)):
+        raise ValueError(f"{len(probs)} predictions for {len(gold)} labels and {len(texts)} texts")
+    out = []
+    for i, row in enumerate(probs):
+        rec: dict[str, Any] = {"text": texts[i]}
+        if pairs is not None:
+            rec["text_pair"] = pairs[i]
+        rec |= {
+            "gold": label_names[int(gold[i])],
+            "label": label_names[int(row.argmax())],
+            "probabilities": {n: float(p) for n, p in zip(label_names, row, strict=True)},
+        }
+        out.append(rec)
+    return out
+
+
+def write_predictions(path: str | Path, records: list[dict[str, Any]]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def report_markdown(report: dict[str, Any], title: str) -> str:

@@ -39,8 +39,15 @@ from transformers import (
 )
 
 from l3m.config import MaskingSpec, RunConfig, TunerSpec
-from l3m.data.loading import LoadedDomain, encode_kwargs
-from l3m.evaluate import compute_metrics, full_report, report_markdown
+from l3m.data.loading import PAIR, TEXT, LoadedDomain, encode_kwargs
+from l3m.evaluate import (
+    PREDICTIONS_DIR,
+    compute_metrics,
+    full_report,
+    prediction_records,
+    report_markdown,
+    write_predictions,
+)
 from l3m.masking import MaskingCollator, build_masking
 from l3m.modeling import alias_names, build_multitask_model
 from l3m.tuning import build_tuner
@@ -305,12 +312,17 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     trainer.train(resume_from_checkpoint=True if ckpts else None)
     train_seconds = time.perf_counter() - t0
 
-    reports = {}
+    reports, records = {}, {}
     for split in ("dev", "test"):
         pred = trainer.predict(encoded[split])
         reports[split] = full_report(pred.label_ids, pred.predictions.argmax(-1), loaded.label_names)
+        rows = loaded.dataset[split]
+        pairs = rows[PAIR] if loaded.has_pair else None
+        records[split] = prediction_records(pred.predictions, pred.label_ids, loaded.label_names, rows[TEXT], pairs)
     model_dir = out_dir / "model"
     exported = tuner.export(trainer.model, model_dir) or {}
+    for split, recs in records.items():
+        write_predictions(model_dir / PREDICTIONS_DIR / f"{split}.jsonl", recs)
     tokenizer.save_pretrained(model_dir)
     meta = {
         "domain": cfg.domain.name, "label_names": loaded.label_names, "metrics": reports, "metric": metric,

@@ -125,6 +125,24 @@ def test_one_text_or_a_list(client):
     assert many.status_code == 200 and len(many.json()) == 3
 
 
+def test_verify_replays_stored_offline_predictions(server, model_dir, home):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from serving.verify import verify
+
+    report = verify(server, model_dir, "test", texts_per_request=4, concurrency=8)
+    assert report.ok and report.n == len(read_split("test"))
+    assert report.max_prob_diff < 1e-4
+    assert report.served_accuracy == report.offline_accuracy
+    # The CLI finds the served model through /metadata and the registry (BENTOML_HOME).
+    with env(BENTOML_HOME=str(home)):
+        res = CliRunner().invoke(app, ["models", "verify", "--url", server])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["ok"] and out["n"] == report.n and out["label_agreement"] == 1.0
+
+
 def test_served_equals_offline_on_test_split(client, model_dir):
     texts = [r["text"] for r in read_split("test")]
     chunks = [texts[i:i + MAX_TEXTS] for i in range(0, len(texts), MAX_TEXTS)]

@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from l3m.config import DomainConfig, MaskingSpec, RunConfig, TunerSpec
 from l3m.data.loading import load_domain
+from l3m.evaluate import read_predictions
 from l3m.modeling import build_multitask_model
 from l3m.train import TrainInputs, encode_domain, train_one
 
@@ -85,6 +86,13 @@ def test_train_one_end_to_end(domain, tiny_model, tmp_path, kind):
         pred = clf(**enc).logits.argmax(-1).numpy()
     acc = float((pred == np.array(list(test["label"]))).mean())
     assert acc == pytest.approx(meta["metrics"]["test"]["accuracy"])
+    # The offline evaluation's per-example predictions travel with the model (l3m models verify).
+    for split in ("dev", "test"):
+        recs = read_predictions(tmp_path / kind / "model" / "predictions" / f"{split}.jsonl")
+        assert [r["text"] for r in recs] == list(loaded.dataset[split]["text"])
+        hits = sum(r["label"] == r["gold"] for r in recs) / len(recs)
+        assert hits == pytest.approx(meta["metrics"][split]["accuracy"])
+    assert [r["label"] for r in recs] == [meta["label_names"][i] for i in pred]
     # A finished run is not trained again.
     again = train_one(cfg, MaskingSpec(kind=kind), TunerSpec(), seed=3, inputs=inputs, out_dir=tmp_path / kind)
     assert again == rec
