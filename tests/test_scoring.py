@@ -87,7 +87,12 @@ def test_scores_align_with_training_encoding_and_pairs(real_scorer: PLLScorer):
 
 @pytest.mark.parametrize("metric", ["original", "within_word_l2r"])
 @pytest.mark.parametrize("mode", ["exact", "strided"])
-def test_packed_forward_equals_library_forward(tiny_model_dir: Path, one_thread, metric: str, mode: str):
+@pytest.mark.parametrize("row_chunk", [2048, 40])  # 40: groups cut into several chunks, chunks of several groups
+def test_packed_forward_equals_library_forward(tiny_model_dir: Path, one_thread, metric: str, mode: str,
+                                               row_chunk: int, monkeypatch):
+    import l3m.scoring.packed
+
+    monkeypatch.setattr(l3m.scoring.packed, "ROW_CHUNK", row_chunk)
     items = [("the first text has several words in it", "with a pair"), ("another, shorter text", None),
              ("unbelievably tokenized subwords everywhere", None)] * 2  # fmt: skip
     packed = PLLScorer(str(tiny_model_dir), dtype="float32", device="cpu")

@@ -29,15 +29,38 @@ class MLMHead:
         self.weight = decoder.weight.detach().to(compute_dtype).contiguous()
         bias = decoder.bias if decoder.bias is not None else torch.zeros(decoder.weight.shape[0])
         self.bias = bias.detach().to(compute_dtype).contiguous()
+        # On CPU: oneDNN GEMM with the weight reordered once and the bias in its epilogue
+        # (F.linear first copies the bias into the [rows, V] output). With the in-place
+        # log-sum-exp below, 12.6 vs 19.8 ms per 150 targets here.
+        self.onednn = (
+            self.weight.device.type == "cpu"
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.backends.mkldnn.is_available()
+        )
+        if self.onednn:
+            try:
+                self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, 256)
+            except RuntimeError:  # no reorder kernel for this dtype in this build: plain weights
+                pass
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.to(self.dtype)
+        if self.onednn and h.device.type == "cpu":
+            return torch.ops.mkldnn._linear_pointwise(h, self.weight, self.bias, "none", [], "none")
+        return F.linear(h, self.weight, self.bias)
 
     def target_logprobs(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """log softmax(W h + b)[target] for each row, float32 [N] (log-sum-exp in float32)."""
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for a in range(0, hidden.shape[0], HEAD_CHUNK):
-            h = self.transform(hidden[a : a + HEAD_CHUNK].float())
-            z = F.linear(h.to(self.dtype), self.weight, self.bias).float()
+            z = self._logits(self.transform(hidden[a : a + HEAD_CHUNK].float())).float()
             tgt = target_ids[a : a + HEAD_CHUNK].unsqueeze(1)
-            out[a : a + HEAD_CHUNK] = (z.gather(1, tgt) - torch.logsumexp(z, dim=1, keepdim=True)).squeeze(1)
+            # logsumexp = m + log sum exp(z - m), computed in place in the [rows, V] logits
+            # (torch.logsumexp allocates a second [rows, V] tensor for z - m).
+            m = z.amax(dim=1, keepdim=True)
+            picked = z.gather(1, tgt) - m
+            lse = z.sub_(m).exp_().sum(dim=1, keepdim=True).log_()
+            out[a : a + HEAD_CHUNK] = (picked - lse).squeeze(1)
         return out
 
 
