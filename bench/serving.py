@@ -7,7 +7,9 @@ Two `bentoml serve` processes are started on 127.0.0.1 (L3M_BATCHING=on / off, s
 this process is the load generator (asyncio + httpx), a bounded number of requests per
 (server, concurrency level), one text per request, texts from the citation_intent test/dev
 splits. The servers are measured alternately at each level so drifting background load on a
-shared machine hits both alike. Prints a Markdown table and writes JSON (--out).
+shared machine hits both alike. With a model trained by l3m (--model-dir), both servers then
+replay its stored offline test predictions (served == offline, ``serving/verify.py``). Prints a
+Markdown table and writes JSON (--out).
 """
 
 from __future__ import annotations
