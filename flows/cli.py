@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -27,7 +27,7 @@ def _root() -> None:
     """l3m: validate, score, train, register and serve domain-adapted classifiers."""
 
 
-def _fail(e: BaseException) -> None:
+def _fail(e: BaseException) -> NoReturn:
     typer.secho(str(e), fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
@@ -164,7 +164,6 @@ def models_verify(
         report = verify(url, path, split, concurrency=concurrency)
     except (_registry().RegistryError, FileNotFoundError, httpx.HTTPError, RuntimeError) as e:
         _fail(e)
-        return
     _echo({"model": model, **report.to_dict()})
     if not report.ok:
         raise typer.Exit(1)

@@ -14,10 +14,13 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 PREDICTIONS_DIR = "predictions"
 
 
+def _logits(predictions: Any) -> np.ndarray:
+    # Trainer hands a tuple when the model returns several tensors; the logits come first.
+    return np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions)
+
+
 def _preds(logits: Any) -> np.ndarray:
-    if isinstance(logits, tuple):  # Trainer hands a tuple when the model returns several tensors
-        logits = logits[0]
-    return np.asarray(logits).argmax(-1)
+    return _logits(logits).argmax(-1)
 
 
 def headline(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
@@ -62,9 +65,7 @@ def prediction_records(
     """One record per example of the offline evaluation: its input, gold and predicted label and
     the probability map. Kept with the model so a deployment can be checked against exactly the
     predictions its reported metrics were computed from (``l3m models verify``)."""
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    z = np.asarray(logits, dtype=np.float64)
+    z = _logits(logits).astype(np.float64)
     z = np.exp(z - z.max(-1, keepdims=True))
     probs = z / z.sum(-1, keepdims=True)
     if not (len(probs) == len(gold) == len(texts)):

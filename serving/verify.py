@@ -55,26 +55,20 @@ async def _classify_all(
 ) -> list[dict[str, Any]]:
     import httpx
 
-    chunks = [list(range(a, min(a + texts_per_request, len(records))))
-              for a in range(0, len(records), texts_per_request)]
-    served: list[dict[str, Any] | None] = [None] * len(records)
-    queue: asyncio.Queue[list[int]] = asyncio.Queue()
-    for c in chunks:
-        queue.put_nowait(c)
+    base = url.rstrip("/")
+    gate = asyncio.Semaphore(max(1, concurrency))
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        while not queue.empty():
-            idx = queue.get_nowait()
-            resp = await client.post(f"{url.rstrip('/')}/classify",
-                                     json={"texts": [_payload_item(records[i]) for i in idx]})
-            if resp.status_code != 200:
-                raise RuntimeError(f"/classify answered {resp.status_code}: {resp.text[:300]}")
-            for i, pred in zip(idx, resp.json(), strict=True):
-                served[i] = pred
+    async def post(client: httpx.AsyncClient, part: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        async with gate:
+            resp = await client.post(f"{base}/classify", json={"texts": [_payload_item(r) for r in part]})
+        if resp.status_code != 200:
+            raise RuntimeError(f"/classify answered {resp.status_code}: {resp.text[:300]}")
+        return list(resp.json())
 
     async with httpx.AsyncClient(timeout=timeout) as client:
-        await asyncio.gather(*(worker(client) for _ in range(max(1, concurrency))))
-    return [s for s in served if s is not None]
+        parts = await asyncio.gather(*(post(client, records[a : a + texts_per_request])
+                                       for a in range(0, len(records), texts_per_request)))
+    return [pred for part in parts for pred in part]
 
 
 def compare(split: str, offline: list[dict[str, Any]], served: list[dict[str, Any]]) -> VerifyReport:

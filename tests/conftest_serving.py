@@ -104,19 +104,15 @@ def build_model_dir(out: Path, *, steps: int = 4, seed: int = 0, dev: float = 0.
 
 def write_offline_predictions(model_dir: Path, split: str) -> None:
     """``predictions/<split>.jsonl`` as l3m.train writes it (l3m.evaluate.prediction_records), from
-    one unpadded forward pass per text: the reference ``l3m models verify`` replays."""
-    import torch
-
+    ``offline_logits``: the reference ``l3m models verify`` replays."""
     from l3m.evaluate import PREDICTIONS_DIR, prediction_records, write_predictions
-    from serving.model_io import load_classifier
+    from serving.model_io import read_meta
 
-    model, tok, meta = load_classifier(model_dir)
+    meta = read_meta(model_dir)
     rows = read_split(split)
-    with torch.inference_mode(), one_torch_thread():
-        logits = [model(**tok(r["text"], truncation=True, max_length=meta.max_length, return_tensors="pt")).logits[0]
-                  for r in rows]
+    texts = [r["text"] for r in rows]
     gold = [meta.label_names.index(r["label"]) for r in rows]
-    records = prediction_records(torch.stack(logits).numpy(), gold, meta.label_names, [r["text"] for r in rows])
+    records = prediction_records(offline_logits(model_dir, texts), gold, meta.label_names, texts)
     write_predictions(model_dir / PREDICTIONS_DIR / f"{split}.jsonl", records)
 
 
@@ -177,18 +173,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def offline_predictions(model_dir: Path, texts: list[str]) -> list[dict[str, Any]]:
-    """Reference predictions: one unpadded forward pass per text, the offline-evaluation encoding."""
+def offline_logits(model_dir: Path, texts: list[str]) -> Any:
+    """Logits [n, labels] (numpy), one unpadded forward pass per text: the offline-evaluation encoding."""
     import torch
 
     from serving.model_io import load_classifier
 
     model, tok, meta = load_classifier(model_dir)
-    out = []
     with torch.inference_mode(), one_torch_thread():
-        for text in texts:
-            enc = tok(text, None, truncation=True, max_length=meta.max_length, return_tensors="pt")
-            probs = torch.softmax(model(**enc).logits[0], dim=-1).tolist()
-            best = max(range(len(probs)), key=probs.__getitem__)
-            out.append({"label": meta.label_names[best], "probabilities": dict(zip(meta.label_names, probs, strict=True))})
+        rows = [model(**tok(t, None, truncation=True, max_length=meta.max_length, return_tensors="pt")).logits[0]
+                for t in texts]
+    return torch.stack(rows).numpy()
+
+
+def offline_predictions(model_dir: Path, texts: list[str]) -> list[dict[str, Any]]:
+    """Reference predictions (label and probability map per text) from ``offline_logits``."""
+    import torch
+
+    from serving.model_io import read_meta
+
+    names = read_meta(model_dir).label_names
+    probs = torch.softmax(torch.from_numpy(offline_logits(model_dir, texts)), dim=-1).tolist()
+    out = []
+    for row in probs:
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append({"label": names[best], "probabilities": dict(zip(names, row, strict=True))})
     return out

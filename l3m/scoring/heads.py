@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from l3m.scoring import onednn
+
 # Rows per logits chunk: 1024 x 30522 float32 logits is 125 MB; bounded whatever the batch.
 HEAD_CHUNK = 1024
 
@@ -32,28 +34,16 @@ class MLMHead:
         # On CPU: oneDNN GEMM with the weight reordered once and the bias in its epilogue
         # (F.linear first copies the bias into the [rows, V] output). With the in-place
         # log-sum-exp below, 12.6 vs 19.8 ms per 150 targets here.
-        self.onednn = (
-            self.weight.device.type == "cpu"
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and torch.backends.mkldnn.is_available()
-        )
+        self.onednn = onednn.available(self.weight.device)
         if self.onednn:
-            try:
-                self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, 256)
-            except RuntimeError:  # no reorder kernel for this dtype in this build: plain weights
-                pass
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = h.to(self.dtype)
-        if self.onednn and h.device.type == "cpu":
-            return torch.ops.mkldnn._linear_pointwise(h, self.weight, self.bias, "none", [], "none")
-        return F.linear(h, self.weight, self.bias)
+            self.weight = onednn.prepack(self.weight, 256)
 
     def target_logprobs(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """log softmax(W h + b)[target] for each row, float32 [N] (log-sum-exp in float32)."""
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for a in range(0, hidden.shape[0], HEAD_CHUNK):
-            z = self._logits(self.transform(hidden[a : a + HEAD_CHUNK].float())).float()
+            h = self.transform(hidden[a : a + HEAD_CHUNK].float()).to(self.dtype)
+            z = onednn.linear(h, self.weight, self.bias, onednn=self.onednn and h.device.type == "cpu").float()
             tgt = target_ids[a : a + HEAD_CHUNK].unsqueeze(1)
             # logsumexp = m + log sum exp(z - m), computed in place in the [rows, V] logits
             # (torch.logsumexp allocates a second [rows, V] tensor for z - m).

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from l3m.scoring import onednn as onednn_ops
+
 # Rows (whole masked copies) that go through all layers together on CPU: 2048 x 4d float32 = 12 MB
 # for MiniLM stays cache-resident; 4096 measured ~5% slower, 1024 the same. On CUDA a batch is one
 # chunk: there every chunk costs kernel launches, and cache is not the limit.
@@ -73,11 +75,6 @@ class _Piece:
 class _Layer:
     w_qkv: torch.Tensor
     b_qkv: torch.Tensor
-    w_q: torch.Tensor  # the query part of w_qkv, and key/value weights per head [h, dh, d] (last layer)
-    b_q: torch.Tensor
-    w_k_heads: torch.Tensor
-    w_v_heads: torch.Tensor
-    b_v: torch.Tensor
     w_o: torch.Tensor
     b_o: torch.Tensor
     ln1: nn.LayerNorm
@@ -88,6 +85,18 @@ class _Layer:
     b_o2: torch.Tensor
     ln2: nn.LayerNorm
     erf_gelu: bool  # the activation is exact GELU, so it can be fused into the GEMM
+
+
+@dataclass
+class _LastAttention:
+    """What ``_last_layer`` uses instead of w_qkv: the query projection, and the key and value
+    weights per head ``[h, dh, d]`` (never applied to rows: see ``_last_layer``)."""
+
+    w_q: torch.Tensor
+    b_q: torch.Tensor
+    w_k_heads: torch.Tensor
+    w_v_heads: torch.Tensor
+    b_v: torch.Tensor
 
 
 def supports_packed(model: nn.Module) -> bool:
@@ -129,41 +138,40 @@ class PackedEncoder:
         self.n_heads: int = cfg.num_attention_heads
         self.dtype = compute_dtype
         self.hidden_act = getattr(cfg, "hidden_act", None)
-        self.onednn = (
-            onednn and hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
-        )
+        self.onednn = onednn and onednn_ops.available(next(model.parameters()).device)
         self.layers = [self._extract(lay) for lay in base.encoder.layer]
+        self.last_attention = self._extract_last_attention(base.encoder.layer[-1])
         self.mask_token_id = mask_token_id
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(self.dtype).contiguous()
 
     def _weight(self, w: torch.Tensor) -> torch.Tensor:
-        """Cast, and on the oneDNN CPU path pre-reorder into oneDNN's blocked layout once: plain
-        weights are reordered inside every GEMM call (measured 3-8% of GEMM time at 2k rows)."""
+        """Cast, and on the oneDNN path reordered once into oneDNN's blocked layout."""
         w = self._cast(w)
-        if self.onednn and w.device.type == "cpu" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-            try:
-                return torch.ops.mkldnn._reorder_linear_weight(w, ROW_CHUNK)
-            except RuntimeError:  # a build without the reorder kernel for this dtype: plain weights
-                return w
-        return w
+        return onednn_ops.prepack(w, ROW_CHUNK) if self.onednn else w
 
     def _extract(self, lay: Any) -> _Layer:
         sa, so = lay.attention.self, lay.attention.output
         w_qkv = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight], 0)
         b_qkv = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias], 0)
-        d = sa.query.weight.shape[0]
         w = self._weight
-        per_head = (self.n_heads, d // self.n_heads, -1)
         return _Layer(
-            w(w_qkv), self._cast(b_qkv), w(w_qkv[:d]), self._cast(b_qkv[:d]),
-            self._cast(sa.key.weight.view(per_head)), self._cast(sa.value.weight.view(per_head)), self._cast(sa.value.bias),
+            w(w_qkv), self._cast(b_qkv),
             w(so.dense.weight), self._cast(so.dense.bias), so.LayerNorm,
             w(lay.intermediate.dense.weight), self._cast(lay.intermediate.dense.bias),
             lay.intermediate.intermediate_act_fn,
             w(lay.output.dense.weight), self._cast(lay.output.dense.bias), lay.output.LayerNorm,
             self.hidden_act == "gelu",
+        )  # fmt: skip
+
+    def _extract_last_attention(self, lay: Any) -> _LastAttention:
+        sa = lay.attention.self
+        per_head = (self.n_heads, sa.query.weight.shape[0] // self.n_heads, -1)
+        return _LastAttention(
+            self._weight(sa.query.weight), self._cast(sa.query.bias),
+            self._cast(sa.key.weight.view(per_head)), self._cast(sa.value.weight.view(per_head)),
+            self._cast(sa.value.bias),
         )  # fmt: skip
 
     # -- pieces -------------------------------------------------------------------------------
@@ -177,16 +185,10 @@ class PackedEncoder:
     ) -> torch.Tensor:
         """``x @ w.T + b``, then erf-GELU, or ``+ resid`` (float32 result) for a residual branch."""
         x = x.to(self.dtype)
-        if self.onednn and x.device.type == "cpu":
-            # oneDNN GEMM with the bias and the GELU or the float32 residual sum in its epilogue:
-            # one pass over the output instead of two or three (GELU fusion measured 1.3-2x
-            # faster than F.linear + gelu at 1-2k rows here).
-            if resid is not None and resid.dtype == x.dtype:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, resid, w, b, "add")
-            y = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu" if gelu else "none", [], "none")
-        else:
-            y = F.linear(x, w, b)
-            y = F.gelu(y) if gelu else y
+        fused = self.onednn and x.device.type == "cpu"
+        if fused and resid is not None and resid.dtype == x.dtype:
+            return onednn_ops.linear_add(x, resid, w, b)
+        y = onednn_ops.linear(x, w, b, gelu=gelu, onednn=fused)
         return y if resid is None else y.float() + resid
 
     def _ffn(self, lay: _Layer, ctx: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
@@ -297,8 +299,7 @@ class PackedEncoder:
         The scores and the context therefore come from the layer input x directly: 4 h L d + 4 d^2
         FLOPs per target instead of 4 d^2 L for keys and values at every position (~3% of all).
         """
-        d = x.shape[1]
-        h = self.n_heads
+        d, h, att = x.shape[1], self.n_heads, self.last_attention
         scale = (d // h) ** -0.5
         ctxs, resids, a = [], [], 0
         for p in chunk:
@@ -311,12 +312,12 @@ class PackedEncoder:
                 valid = torch.nonzero(tgt.reshape(-1) >= 0).squeeze(1)
             xg = x[a:b].view(c, p.L, d)
             xq = xg.gather(1, tgt.clamp_min(0).unsqueeze(-1).expand(-1, -1, d))  # [c, m, d]
-            q = self._lin(xq, lay.w_q, lay.b_q).view(c, m, h, -1)
-            u = torch.einsum("cmhe,hed->cmhd", q, lay.w_k_heads).reshape(c, m * h, d)
+            q = self._lin(xq, att.w_q, att.b_q).view(c, m, h, -1)
+            u = torch.einsum("cmhe,hed->cmhd", q, att.w_k_heads).reshape(c, m * h, d)
             xl = xg.to(self.dtype)
             probs = torch.softmax((torch.bmm(u, xl.transpose(1, 2)) * scale).float(), dim=-1)
             y = torch.bmm(probs.to(self.dtype), xl).view(c, m, h, d)
-            o = torch.einsum("cmhd,hed->cmhe", y, lay.w_v_heads).reshape(c * m, d) + lay.b_v
+            o = torch.einsum("cmhd,hed->cmhe", y, att.w_v_heads).reshape(c * m, d) + att.b_v
             ctxs.append(o.index_select(0, valid))
             resids.append(xq.reshape(-1, d).index_select(0, valid))
             a = b
