@@ -54,6 +54,22 @@ def ensure_venv() -> Path:
     return py
 
 
+def cpu_info() -> dict[str, object]:
+    """CPU model and the ISA extensions that decide which GEMM kernels run (the speedup over
+    minicons depends on them: see docs/benchmarks.md)."""
+    info: dict[str, object] = {"machine": platform.machine(), "cpus": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["model"] = fields.get("model name", "")
+    flags = fields.get("flags", "").split()
+    info["isa"] = sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512f", "avx2")))
+    return info
+
+
 def load_texts(data: Path, domain: str, split: str, n: int, offset: int = 0) -> list[str]:
     rows = [
         json.loads(line) for line in open(data / domain / f"{split}.jsonl", encoding="utf-8") if line.strip()
@@ -223,7 +239,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    report: dict = {"texts": len(texts), "device": args.device, "clock": "process CPU time" if args.cpu_clock else "wall", "host": platform.node(), "load_before": load,
+    report: dict = {"texts": len(texts), "device": args.device, "clock": "process CPU time" if args.cpu_clock else "wall", "host": platform.node(), "cpu": cpu_info(), "load_before": load,
                     "threads": torch.get_num_threads(), "budget": args.budget}  # fmt: skip
     report["peak_fp32"] = matmul_peak(device, torch.float32, cpu_clock=args.cpu_clock)
     report["peak_bf16"] = matmul_peak(device, torch.bfloat16, cpu_clock=args.cpu_clock)
@@ -253,7 +269,7 @@ def main() -> None:
                "packed": packed, "device": args.device, "budget": args.budget, "max_length": args.max_length,
                "repeats": args.repeats if mode == "strided" or dtype != "float32" else max(1, args.repeats - 1),
                "threads": args.threads, "cpu_clock": args.cpu_clock}  # fmt: skip
-        r = run_worker(cfg)
+        r = run_worker(cfg) | {"dtype": dtype}
         raw = r.pop("scores")
         ours = _finite(raw)
         if mode == "exact" and dtype == "float32" and packed:
@@ -279,6 +295,9 @@ def main() -> None:
         r["useful_frac_fp32_peak"] = r["useful_gflops"] / report["peak_fp32"]["gflops"]
         r["useful_frac_bf16_peak"] = r["useful_gflops"] / report["peak_bf16"]["gflops"]
         r["useful_frac_fp32_peak_nearby"] = r["useful_gflops"] / r["peaks"]["float32"]["gflops"]
+        if r.get("executed_gflops"):
+            peak = report["peak_fp32" if r["dtype"] == "float32" else "peak_bf16"]["gflops"]
+            r["executed_frac_peak"] = r["executed_gflops"] / peak  # of its own dtype's peak: <= 100%
         print(summary_line(name, r), flush=True)
     report["load_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -294,18 +313,19 @@ def summary_line(name: str, r: dict) -> str:
         extra += f" spearman {r['vs_exact_fp32']['spearman_pooled']:.4f}/{r['vs_exact_fp32']['spearman_within_text']:.4f}"
     return (f"l3m {name}: {r['tokens_per_s']:.1f} tokens/s, useful {r['useful_gflops']:.0f} GFLOP/s "
             f"({100 * r['useful_frac_fp32_peak']:.0f}% fp32 peak of the run, "
-            f"{100 * r['useful_frac_fp32_peak_nearby']:.0f}% of the peak measured just before), mem {r['peak_mem_mb']:.0f} MB{extra}")  # fmt: skip
+            f"{100 * r['useful_frac_fp32_peak_nearby']:.0f}% of the peak measured just before; executed "
+            f"{100 * r.get('executed_frac_peak', float('nan')):.0f}% of its dtype's peak), mem {r['peak_mem_mb']:.0f} MB{extra}")  # fmt: skip
 
 
 def markdown(report: dict) -> str:
     rows = ["| engine / mode | tokens/s | x minicons | max abs diff vs minicons | Spearman vs exact (pooled / within text) "
-            "| useful GFLOP/s | % fp32 peak | % bf16 peak | peak mem (MB) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+            "| useful GFLOP/s | % fp32 peak | % bf16 peak | executed, % of own dtype's peak | peak mem (MB) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for m, r in (report.get("minicons") or {}).items():
         if m == "versions":
             continue
         rows.append(f"| minicons token_score, {m}, 1 text/call | {r['tokens_per_s']:.1f} | 1.0 | - | - | - | - | - "
-                    f"| {r['peak_rss_mb']:.0f} |")  # fmt: skip
+                    f"| - | {r['peak_rss_mb']:.0f} |")  # fmt: skip
     for name, r in report["l3m"].items():
         vm, ve = r.get("vs_minicons"), r.get("vs_exact_fp32")
         rows.append(
@@ -318,9 +338,10 @@ def markdown(report: dict) -> str:
             f"{ve['spearman_pooled']:.4f} / {ve['spearman_within_text']:.4f} | " if ve else "- | "
         ) + (
             f"{r['useful_gflops']:.0f} | {100 * r['useful_frac_fp32_peak']:.0f}% | {100 * r['useful_frac_bf16_peak']:.0f}% "
-            f"| {r['peak_mem_mb']:.0f} |"
+            f"| {100 * r.get('executed_frac_peak', float('nan')):.0f}% | {r['peak_mem_mb']:.0f} |"
         )
-    head = (f"{report['texts']} texts, device {report['device']}, {report['clock']} clock, {report['threads']} threads, budget {report['budget']} "
+    cpu = report.get("cpu") or {}
+    head = (f"{report['texts']} texts, device {report['device']} ({cpu.get('model', '?')}; {' '.join(cpu.get('isa', []))}), {report['clock']} clock, {report['threads']} threads, budget {report['budget']} "
             f"tokens; matmul peak fp32 {report['peak_fp32']['gflops']:.0f} GFLOP/s, bf16 {report['peak_bf16']['gflops']:.0f}; "
             f"load average {report['load_before']:.1f} before, {report['load_after']:.1f} after.")  # fmt: skip
     return head + "\n\n" + "\n".join(rows)
