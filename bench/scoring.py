@@ -9,7 +9,8 @@ subprocess. Each l3m configuration runs in its own subprocess too, so peak memor
 CUDA max allocated on GPU) is per configuration. Reported per configuration: tokens/s (best of
 ``--repeats``, model load excluded, as for minicons), per-token parity with minicons, Spearman
 vs l3m exact fp32 (pooled over tokens and mean within text), useful GFLOP/s and its fraction of
-the torch matmul peak measured at the start of the run (see bench/scoring_flops.py).
+the matmul peak measured in the run (best of ``a @ b`` and the engine's oneDNN GEMM path; see
+bench/scoring_flops.py). The report records the CPU model and ISA: the speedup depends on them.
 """
 
 from __future__ import annotations
@@ -305,6 +306,10 @@ def main() -> None:
     print(markdown(report))
 
 
+def _pct(frac: float | None) -> str:
+    return "-" if frac is None else f"{100 * frac:.0f}%"
+
+
 def summary_line(name: str, r: dict) -> str:
     extra = ""
     if "speedup_vs_minicons" in r:
@@ -314,7 +319,7 @@ def summary_line(name: str, r: dict) -> str:
     return (f"l3m {name}: {r['tokens_per_s']:.1f} tokens/s, useful {r['useful_gflops']:.0f} GFLOP/s "
             f"({100 * r['useful_frac_fp32_peak']:.0f}% fp32 peak of the run, "
             f"{100 * r['useful_frac_fp32_peak_nearby']:.0f}% of the peak measured just before; executed "
-            f"{100 * r.get('executed_frac_peak', float('nan')):.0f}% of its dtype's peak), mem {r['peak_mem_mb']:.0f} MB{extra}")  # fmt: skip
+            f"{_pct(r.get('executed_frac_peak'))} of its dtype's peak), mem {r['peak_mem_mb']:.0f} MB{extra}")  # fmt: skip
 
 
 def markdown(report: dict) -> str:
@@ -338,7 +343,7 @@ def markdown(report: dict) -> str:
             f"{ve['spearman_pooled']:.4f} / {ve['spearman_within_text']:.4f} | " if ve else "- | "
         ) + (
             f"{r['useful_gflops']:.0f} | {100 * r['useful_frac_fp32_peak']:.0f}% | {100 * r['useful_frac_bf16_peak']:.0f}% "
-            f"| {100 * r.get('executed_frac_peak', float('nan')):.0f}% | {r['peak_mem_mb']:.0f} |"
+            f"| {_pct(r.get('executed_frac_peak'))} | {r['peak_mem_mb']:.0f} |"
         )
     cpu = report.get("cpu") or {}
     head = (f"{report['texts']} texts, device {report['device']} ({cpu.get('model', '?')}; {' '.join(cpu.get('isa', []))}), {report['clock']} clock, {report['threads']} threads, budget {report['budget']} "
