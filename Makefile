@@ -32,8 +32,9 @@ test-slow: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m 'slow or not slow'
 
-lint: setup
+lint: setup  ## ruff, and mypy on l3m/ flows/ serving/ (settings in pyproject.toml)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs .bench

@@ -63,10 +63,12 @@ def register_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 
 # The same task functions as the stand-alone flows, re-wrapped with a cache key and persisted
 # results (so a rerun in another process finds them under PREFECT_HOME).
-validate_cached = task(validate_task.fn, name="validate-domain (cached)", cache_key_fn=validation_cache_key,
-                       persist_result=True)
-register_cached = task(register_task.fn, name="register-model (cached)", cache_key_fn=register_cache_key,
-                       persist_result=True)
+validate_cached = task(name="validate-domain (cached)", cache_key_fn=validation_cache_key, persist_result=True)(
+    validate_task.fn
+)
+register_cached = task(name="register-model (cached)", cache_key_fn=register_cache_key, persist_result=True)(
+    register_task.fn
+)
 
 
 def best_run(runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:

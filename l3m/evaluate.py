@@ -12,6 +12,8 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 # Per-example offline predictions, one JSONL per split, inside the exported model directory.
 PREDICTIONS_DIR = "predictions"
+# Label ids as lists or as the numpy arrays Trainer hands over.
+Labels = Sequence[int] | np.ndarray
 
 
 def _logits(predictions: Any) -> np.ndarray:
@@ -23,7 +25,7 @@ def _preds(logits: Any) -> np.ndarray:
     return _logits(logits).argmax(-1)
 
 
-def headline(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
+def headline(y_true: Labels, y_pred: Labels) -> dict[str, float]:
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
@@ -36,7 +38,7 @@ def compute_metrics(eval_pred: Any) -> dict[str, float]:
     return headline(labels, _preds(logits))
 
 
-def full_report(y_true: Sequence[int], y_pred: Sequence[int], label_names: list[str]) -> dict[str, Any]:
+def full_report(y_true: Labels, y_pred: Labels, label_names: list[str]) -> dict[str, Any]:
     """Headline metrics, per-class precision/recall/F1/support and the confusion matrix.
 
     Every declared label is reported, also those absent from this split (support 0), so

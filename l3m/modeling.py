@@ -87,9 +87,8 @@ class MultiTaskModel(nn.Module):
             kwargs["token_type_ids"] = token_type_ids
         out = self.classifier_model(input_ids=input_ids, labels=labels, **kwargs)
         loss = out.loss
-        use_mlm = (self.training and self.mlm_model is not None and mlm_input_ids is not None
-                   and mlm_labels is not None and self.mlm_weight > 0)
-        if use_mlm and loss is not None:
+        if (self.training and self.mlm_model is not None and self.mlm_weight > 0 and loss is not None
+                and mlm_input_ids is not None and mlm_labels is not None):
             # The MLM batch has its own padding when it carries extra (unlabelled) texts.
             own = mlm_attention_mask is not None
             mlm = self.mlm_loss(mlm_input_ids, mlm_attention_mask if own else attention_mask,

@@ -29,6 +29,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from datasets import Dataset, DatasetDict
+from torch import nn
 from transformers import (
     AutoTokenizer,
     EarlyStoppingCallback,
@@ -173,7 +174,10 @@ class MultiTaskTrainer(Trainer):
         return self._with_eval_collator(super().predict, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        out = Path(output_dir or self.args.output_dir)
+        target = output_dir or self.args.output_dir
+        if target is None:
+            raise ValueError("no output directory to save the model to")
+        out = Path(target)
         out.mkdir(parents=True, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
         # save_model drops aliases of shared tensors; Trainer reloads with strict=False, and
@@ -185,7 +189,7 @@ class MultiTaskTrainer(Trainer):
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         # Names dropped as aliases of a shared tensor are not missing.
-        aliases = alias_names(self.model)
+        aliases = alias_names(self.model) if self.model is not None else set()
         missing = [k for k in load_result.missing_keys if k not in aliases]
         if missing or load_result.unexpected_keys:
             raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {load_result.unexpected_keys}")
@@ -229,7 +233,7 @@ def code_version() -> str:
         return getattr(l3m, "__version__", "unknown")
 
 
-def _mixed_precision(cfg: RunConfig) -> dict[str, bool]:
+def _mixed_precision(cfg: RunConfig) -> dict[str, Any]:
     if not (torch.cuda.is_available() and cfg.training.fp16_on_cuda):
         return {}
     return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
@@ -268,7 +272,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         pool = encode_pool(inputs, tokenizer, cfg.model.max_length)
 
     torch.manual_seed(seed)  # classifier head init is part of the seed
-    model = build_multitask_model(base, loaded.label_names, with_mlm=strategy.uses_mlm,
+    model: nn.Module = build_multitask_model(base, loaded.label_names, with_mlm=strategy.uses_mlm,
                                   mlm_weight=t_cfg.mlm_weight, revision=cfg.model.revision)
     collator = MaskingCollator(tokenizer, strategy, seed=seed, mlm_pool=pool)
     eval_collator = MaskingCollator(tokenizer, build_masking(MaskingSpec(kind="none")))
@@ -320,6 +324,8 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         pairs = rows[PAIR] if loaded.has_pair else None
         records[split] = prediction_records(pred.predictions, pred.label_ids, loaded.label_names, rows[TEXT], pairs)
     model_dir = out_dir / "model"
+    if trainer.model is None:
+        raise RuntimeError("the trainer lost its model")
     exported = tuner.export(trainer.model, model_dir) or {}
     for split, recs in records.items():
         write_predictions(model_dir / PREDICTIONS_DIR / f"{split}.jsonl", recs)

@@ -9,6 +9,7 @@ full weights — is handled here once.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def read_meta(model_dir: str | Path) -> ModelMeta:
     return ModelMeta.from_dict(data)
 
 
-def check_model_dir(model_dir: str | Path) -> ModelMeta:
+def check_model_dir(model_dir: str | os.PathLike[str]) -> ModelMeta:
     """Validate a directory before it is registered: metadata, safetensors weights, no pickles."""
     root = Path(model_dir)
     if not root.is_dir():

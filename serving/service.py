@@ -147,7 +147,7 @@ class L3MClassifier:
         max_batch_size=SETTINGS.max_batch_size,
         max_latency_ms=SETTINGS.max_latency_ms,
     )
-    def classify(self, texts: Texts) -> list[Prediction]:
+    def classify(self, texts: Texts) -> list[Prediction]:  # type: ignore[valid-type]  # built from the model's metadata
         """Classify one text or a list (pairs for pair domains): label, score, probabilities."""
         plain, pairs = split_items(texts)
         preds = predict(self.model, self.tokenizer, self.meta, plain, pairs, dtype=SETTINGS.dtype)
@@ -165,4 +165,5 @@ class L3MClassifier:
         )
 
 
-L3MClassifier.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
+# The service decorator adds add_asgi_middleware at runtime; its stubs do not declare it.
+L3MClassifier.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)  # type: ignore[attr-defined]

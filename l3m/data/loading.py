@@ -118,7 +118,8 @@ def _select_columns(df: pd.DataFrame, cfg: DomainConfig, where: str) -> pd.DataF
 
 
 def read_raw(cfg: DomainConfig) -> RawDomain:
-    frames, sources = {}, {}
+    frames: dict[str, pd.DataFrame] = {}
+    sources: dict[str, str] = {}
     for split, src in cfg.splits.items():
         location = cfg.resolve(src.path)
         frames[split] = _select_columns(_read_table(location, src.resolved_format()), cfg, location)

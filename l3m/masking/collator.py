@@ -96,13 +96,13 @@ class MaskingCollator:
             raise ValueError("mask_replace + random_replace must be <= 1")
         self.generator: torch.Generator | None = None
 
-    def _create_rng(self) -> None:
+    def _create_rng(self, seed: int) -> None:
         # Same rule as transformers: main process uses the seed, DataLoader worker k seed + k.
         offset = 0
         if mp.current_process().name != "MainProcess":
             info = torch.utils.data.get_worker_info()
             offset = info.id if info is not None else 0
-        self.generator = torch.Generator().manual_seed(int(self.seed) + offset)
+        self.generator = torch.Generator().manual_seed(seed + offset)
 
     def _pad(self, features: Sequence[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Tokenizer padding plus the strategy's view: specials and the padded extra columns."""
@@ -125,7 +125,7 @@ class MaskingCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.seed is not None and self.generator is None:
-            self._create_rng()
+            self._create_rng(self.seed)
         batch, view = self._pad(features)
         for key in ("label", "labels"):
             if key in features[0]:
@@ -162,7 +162,10 @@ class MaskingCollator:
             selected = selected.gather(1, first_token_of_word(word_ids)) & (probs > 0)
         labels[~selected] = -100
         replaced = torch.bernoulli(torch.full(labels.shape, spec.mask_replace), generator=g).bool() & selected
-        inputs[replaced] = self.tokenizer.convert_tokens_to_ids(self.tokenizer.mask_token)
+        mask_id = self.tokenizer.mask_token_id
+        if mask_id is None:  # __post_init__ refuses such tokenizers for MLM strategies
+            raise ValueError("the tokenizer has no mask token")
+        inputs[replaced] = mask_id
         if spec.mask_replace == 1 or spec.random_replace == 0:
             return inputs, labels
         scaled = spec.random_replace / (1 - spec.mask_replace)

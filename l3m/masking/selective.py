@@ -21,12 +21,16 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from l3m.masking.base import MaskingStrategy, content_mask, register_masking
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class SelectiveMasking(MaskingStrategy):
@@ -61,7 +65,7 @@ def _prefix_rows(input_ids: list[int], special: list[int], type_ids: list[int] |
 @torch.no_grad()
 def prefix_gold_probs(
     model: torch.nn.Module,
-    tokenizer: object,
+    tokenizer: PreTrainedTokenizerBase,
     encodings: Sequence[dict[str, list[int]]],
     labels: Sequence[int],
     *,
@@ -86,15 +90,15 @@ def prefix_gold_probs(
             end += 1
         chunk = jobs[start:end]
         width = len(chunk[-1][2])
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        typ = torch.zeros_like(ids)
+        batch = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        att = torch.zeros_like(batch)
+        typ = torch.zeros_like(batch)
         for r, (_, _, row, types) in enumerate(chunk):
-            ids[r, : len(row)] = torch.tensor(row)
+            batch[r, : len(row)] = torch.tensor(row)
             att[r, : len(row)] = 1
             if types:
                 typ[r, : len(row)] = torch.tensor(types)
-        kwargs = {"input_ids": ids.to(device), "attention_mask": att.to(device)}
+        kwargs = {"input_ids": batch.to(device), "attention_mask": att.to(device)}
         if any(c[3] for c in chunk):
             kwargs["token_type_ids"] = typ.to(device)
         probs = torch.softmax(model(**kwargs).logits.float(), dim=-1).cpu()
@@ -120,7 +124,7 @@ def select_important(
 
 def compute_selective_masks(
     model: torch.nn.Module,
-    tokenizer: object,
+    tokenizer: PreTrainedTokenizerBase,
     encodings: Sequence[dict[str, list[int]]],
     labels: Sequence[int],
     *,

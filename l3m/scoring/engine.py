@@ -98,19 +98,23 @@ class PLLScorer:
             torch.set_num_threads(threads)
         self.name = model if isinstance(model, str) else type(model).__name__
         self.revision = revision
+        net: nn.Module
         if isinstance(model, str):
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, revision=revision)
-            model = AutoModelForMaskedLM.from_pretrained(model, revision=revision, dtype=torch.float32)
+            net = AutoModelForMaskedLM.from_pretrained(model, revision=revision, dtype=torch.float32)
+        else:
+            net = model
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer")
         if tokenizer.mask_token_id is None:
             raise ValueError("the tokenizer has no mask token: not a masked LM")
         self.tokenizer = tokenizer
-        self.model = model.to(self.device).eval()
+        # Any: a transformers masked LM (``base_model``, ``config``), which nn.Module does not declare.
+        self.model: Any = net.to(self.device).eval()
         self.head = MLMHead(self.model, self.compute_dtype)
         self.packed = (
             PackedEncoder(self.model, self.compute_dtype, mask_token_id=tokenizer.mask_token_id)
-            if packed and supports_packed(model)
+            if packed and supports_packed(net)
             else None
         )
         self.stats = EngineStats()
@@ -245,7 +249,7 @@ class PLLScorer:
             units = batch[i : j + 1]
             u, L = len(units), units[0].length
             base = np.stack([encs[x.text].input_ids for x in units])
-            base_tt = None if tts[0] is None else np.stack([encs[x.text].token_type_ids for x in units])
+            base_tt = None if tts[0] is None else np.stack([_token_types(encs[x.text]) for x in units])
             masked = np.concatenate([plans[x.text].mask[x.r0 : x.r1] for x in units])
             text_of_copy = np.repeat(np.arange(u), [x.r1 - x.r0 for x in units])
             rows = masked * (u * L) + text_of_copy[:, None] * L + np.arange(L)[None, :]
@@ -289,6 +293,12 @@ def _pad_cols(a: np.ndarray, width: int, value: int = -1) -> np.ndarray:
     out = np.full((a.shape[0], width), value, dtype=a.dtype)
     out[:, : a.shape[1]] = a
     return out
+
+
+def _token_types(enc: EncodedText) -> np.ndarray:
+    if enc.token_type_ids is None:  # a group is built from texts of one tokenizer: all or none have them
+        raise ValueError("texts with and without token_type_ids in one batch")
+    return enc.token_type_ids
 
 
 def _target_ids(enc: EncodedText, targets: np.ndarray) -> np.ndarray:

@@ -140,7 +140,8 @@ def scoped_parameters(model: nn.Module, scope: str) -> Iterator[tuple[str, nn.Pa
 
 
 def split_decay(named: Iterable[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in named:
         (no_decay if any(nd in name for nd in NO_DECAY) else decay).append(param)
     return decay, no_decay

@@ -75,7 +75,7 @@ def split_examples(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 value = batch[key]
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows_total:
                     value = value[rows]
-                    if keep is not None and value.dim() > 1 and value.shape[1] == mask.shape[1]:
+                    if keep is not None and mask is not None and value.dim() > 1 and value.shape[1] == mask.shape[1]:
                         value = value[:, :keep]
                 unit[key] = value
         yield unit

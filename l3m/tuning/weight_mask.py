@@ -232,7 +232,7 @@ class WeightMaskTuner(Tuner):
                     state[key.removeprefix("extra/")].copy_(value)
             meta = json.loads(read_metadata(out_dir)["l3m"])
             for name, shape in meta["shapes"].items():
-                weight = model.get_submodule(name).weight
+                weight = model.get_parameter(f"{name}.weight")
                 weight.mul_(unpack_mask(tensors[f"mask/{name}"], shape).to(weight.dtype))
         return model.eval()
 
