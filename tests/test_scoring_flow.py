@@ -44,6 +44,8 @@ def test_score_flow_store_rerun_and_new_texts(prefect_harness, toy_domain, tiny_
     assert store.count(first["scorer_key"]) == 90
     artifact = _latest_artifact("scores-toy")
     assert "mean log p" in artifact and "| train | 60 | 0 | 60 |" in artifact
+    # Model time of the shards (they share one scorer, so it never exceeds the phase's wall clock).
+    assert 0 < first["seconds"] <= first["wall_seconds"] and "s end to end" in artifact
 
     def no_model(*a, **k):
         raise AssertionError("an already-scored domain must not load a model")

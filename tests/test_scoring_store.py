@@ -148,3 +148,30 @@ def test_duplicate_texts_scored_once(tiny: Path):
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)  # monotone
     assert out[0] is out[1] is out[2]
     assert torch.get_num_threads() == 1  # the fixture's setting held
+
+
+def test_model_time_excludes_waiting_for_a_shared_scorer(tiny: Path):
+    """Two flow shards share one scorer; a shard's seconds must not count the other's forward."""
+    import threading
+    import time
+
+    scorer = PLLScorer(str(tiny), device="cpu")
+    hold = 0.6
+    started = threading.Event()
+
+    def busy() -> None:  # stands in for the other shard's forward pass
+        with scorer._lock:
+            started.set()
+            time.sleep(hold)
+
+    other = threading.Thread(target=busy)
+    other.start()
+    started.wait()
+    st = ScoreStats()
+    t0 = time.perf_counter()
+    score_texts(ITEMS[:2], model=scorer, stats=st, max_length=32)
+    waited = time.perf_counter() - t0
+    other.join()
+    assert waited >= hold  # it did wait for the lock ...
+    assert 0 < st.seconds < waited - hold / 2  # ... and its model time leaves the wait out
+    assert st.seconds == pytest.approx(scorer.last_seconds)

@@ -9,7 +9,6 @@ what it finished.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ class ScoreStats:
     cached: int = 0  # served from the store
     scored: int = 0  # newly scored (distinct texts)
     tokens_scored: int = 0  # scorable tokens of the newly scored texts
-    seconds: float = 0.0  # model time of the newly scored texts
+    seconds: float = 0.0  # model time of the newly scored texts (waits for a shared model excluded)
     scorer_key: str | None = None
     sum_logp: float = 0.0  # over the scorable tokens of all texts (for mean PLL)
     n_logp: int = 0
@@ -116,7 +115,6 @@ def score_texts(
         }  # fmt: skip
         for a in range(0, len(order), FLUSH_TEXTS):
             chunk = order[a : a + FLUSH_TEXTS]
-            t0 = time.perf_counter()
             # Per-batch progress inside the chunk (distinct texts; exact counts after the chunk).
             inner = None if progress is None else (lambda d, _n, base=done: progress(base + d, len(pairs)))
             res = scorer.score_encoded(
@@ -127,7 +125,7 @@ def score_texts(
                 token_budget=token_budget,
                 progress=inner,
             )
-            st.seconds += time.perf_counter() - t0
+            st.seconds += scorer.last_seconds
             for i, r in zip(chunk, res, strict=True):
                 for j in missing[todo[i]]:
                     out[j] = r

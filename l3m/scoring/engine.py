@@ -119,6 +119,13 @@ class PLLScorer:
         )
         self.stats = EngineStats()
         self._lock = threading.Lock()  # one forward at a time: threads share the model and cores
+        self._local = threading.local()
+
+    @property
+    def last_seconds(self) -> float:
+        """Model time of this thread's last ``score_encoded`` call, without the wait for the lock
+        (shards scored from two threads would otherwise each count the other's forward)."""
+        return float(getattr(self._local, "seconds", 0.0))
 
     # -- public API -----------------------------------------------------------------------------
     def encode(self, items: Sequence[Item | str], max_length: int) -> list[EncodedText]:
@@ -155,8 +162,8 @@ class PLLScorer:
         out = [np.full(e.length, np.nan, dtype=np.float32) for e in encs]
         remaining = [p.n_copies for p in plans]
         done = sum(1 for r in remaining if r == 0)
-        t0 = time.perf_counter()
         with self._lock, torch.inference_mode():
+            t0 = time.perf_counter()
             for batch in self._batches(encs, plans, token_budget):
                 logp = self._run(batch, encs, plans)
                 pos = 0
@@ -169,7 +176,8 @@ class PLLScorer:
                     done += remaining[u.text] == 0
                 if progress is not None:
                     progress(done, len(encs))
-        self.stats.seconds += time.perf_counter() - t0
+            self._local.seconds = time.perf_counter() - t0
+            self.stats.seconds += self._local.seconds
         return out
 
     # -- batching -------------------------------------------------------------------------------
