@@ -63,8 +63,7 @@ def cpu_info() -> dict[str, object]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return info
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
     info["model"] = fields.get("model name", "")
     flags = fields.get("flags", "").split()
     info["isa"] = sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512f", "avx2")))
@@ -288,7 +287,7 @@ def main() -> None:
         print(f"l3m {name}: {r['tokens_per_s']:.1f} tokens/s", flush=True)
     # The machine's peak = the best matmul rate seen anywhere in this run (start, every worker).
     for dt in ("float32", "bfloat16"):
-        key = "peak_fp32" if dt == "float32" else "peak_bf16"
+        key = _peak_key(dt)
         seen = [report[key]["gflops"]] + [r["peaks"][dt]["gflops"] for r in report["l3m"].values()]
         report[key]["gflops_start"] = report[key]["gflops"]
         report[key]["gflops"] = max(seen)
@@ -297,13 +296,18 @@ def main() -> None:
         r["useful_frac_bf16_peak"] = r["useful_gflops"] / report["peak_bf16"]["gflops"]
         r["useful_frac_fp32_peak_nearby"] = r["useful_gflops"] / r["peaks"]["float32"]["gflops"]
         if r.get("executed_gflops"):
-            peak = report["peak_fp32" if r["dtype"] == "float32" else "peak_bf16"]["gflops"]
+            peak = report[_peak_key(r["dtype"])]["gflops"]
             r["executed_frac_peak"] = r["executed_gflops"] / peak  # of its own dtype's peak: <= 100%
         print(summary_line(name, r), flush=True)
     report["load_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(markdown(report))
+
+
+def _peak_key(dtype: str) -> str:
+    """The report's peak for a configuration's dtype (low precision runs on the bf16 GEMMs)."""
+    return "peak_fp32" if dtype == "float32" else "peak_bf16"
 
 
 def _pct(frac: float | None) -> str:

@@ -69,7 +69,7 @@ def _items(cfg: RunConfig) -> dict[str, list[tuple[str, str | None]]]:
     return out
 
 
-def summarise(cfg: RunConfig, results: list[dict[str, Any]], wall_seconds: float | None = None) -> dict[str, Any]:
+def summarise(cfg: RunConfig, results: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
     """Per-split and total counts; mean PLL = mean log p over scorable tokens (nats/token).
 
     ``seconds`` is model time (shards wait for each other's forward, uncounted); ``wall_seconds``
@@ -113,9 +113,8 @@ def to_markdown(summary: dict[str, Any], cfg: RunConfig) -> str:
     lines += [
         "",
         f"Total: {summary['tokens_scored']} tokens scored in {summary['seconds']:.1f} s of model time "
-        f"({summary['tokens_per_s']:.1f} tokens/s)"
-        + (f", {summary['wall_seconds']:.1f} s end to end" if summary.get("wall_seconds") is not None else "")
-        + ". A lower mean log p means the vanilla model is "
+        f"({summary['tokens_per_s']:.1f} tokens/s), {summary['wall_seconds']:.1f} s end to end. "
+        "A lower mean log p means the vanilla model is "
         "more surprised by the domain (more for L3Masking to teach).",
     ]
     return "\n".join(lines)
