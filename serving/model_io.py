@@ -166,6 +166,17 @@ def amp_dtype(name: str) -> Any:
     return None if name == "float32" else getattr(torch, name)
 
 
+def serving_dtype(name: str, device_type: str) -> str:
+    """The dtype that will actually run: ``name``, or float32 (logged) on a CPU with no
+    oneDNN kernel for it, where autocast would fall to reference loops slower than float32."""
+    amp = amp_dtype(name)
+    if amp is None or device_type != "cpu":
+        return name
+    from l3m.scoring.onednn import cpu_dtype
+
+    return str(cpu_dtype(amp, "serving")).removeprefix("torch.")
+
+
 def predict(
     model: Any,
     tokenizer: Any,

@@ -22,7 +22,7 @@ from bentoml.models import BentoModel
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.model_io import load_classifier, predict, read_meta
+from serving.model_io import load_classifier, predict, read_meta, serving_dtype
 from serving.registry import model_name, production_tag
 from serving.schemas import Metadata, Prediction, Settings, split_items, texts_type
 
@@ -130,13 +130,14 @@ class L3MClassifier:
             torch.set_num_threads(SETTINGS.torch_threads)
         self.tag = str(self.bento_model.tag)
         self.model, self.tokenizer, self.meta = load_classifier(self.bento_model.path)
+        self.dtype = serving_dtype(SETTINGS.dtype, self.model.device.type)
         # One forward pass before reporting ready: the first call pays lazy initialisation
         # that should not land on a user's request.
         warm_pair = ["warm up"] if self.meta.text_pair else None
-        predict(self.model, self.tokenizer, self.meta, ["warm up"], warm_pair, dtype=SETTINGS.dtype)
+        predict(self.model, self.tokenizer, self.meta, ["warm up"], warm_pair, dtype=self.dtype)
         self._ready = True
         logger.info("loaded %s (batching=%s, torch threads=%d, dtype=%s)",
-                    self.tag, SETTINGS.batching, torch.get_num_threads(), SETTINGS.dtype)
+                    self.tag, SETTINGS.batching, torch.get_num_threads(), self.dtype)
 
     def __is_ready__(self) -> bool:
         return self._ready
@@ -150,7 +151,7 @@ class L3MClassifier:
     def classify(self, texts: Texts) -> list[Prediction]:  # type: ignore[valid-type]  # built from the model's metadata
         """Classify one text or a list (pairs for pair domains): label, score, probabilities."""
         plain, pairs = split_items(texts)
-        preds = predict(self.model, self.tokenizer, self.meta, plain, pairs, dtype=SETTINGS.dtype)
+        preds = predict(self.model, self.tokenizer, self.meta, plain, pairs, dtype=self.dtype)
         return [Prediction(**p) for p in preds]
 
     @info_app.get("/metadata")
@@ -161,7 +162,7 @@ class L3MClassifier:
             metrics=m.headline_metrics(), base_model=m.base_model, base_revision=m.base_revision,
             strategy=m.strategy, tuner=m.tuner, max_length=m.max_length, text_pair=m.text_pair,
             code_version=m.code_version, max_texts=SETTINGS.max_texts, batching=SETTINGS.batching,
-            dtype=SETTINGS.dtype,
+            dtype=self.dtype,
         )
 
 

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,20 @@ def test_model_name_resolves_to_shared_models_or_stays_a_hub_id(shared_model):
     assert Path(cfg.model.resolved()).resolve() == shared_model.resolve()
     cfg2 = load_config(ROOT / "domains" / "citation_intent.yaml", ["model.name_or_path=roberta-base"])
     assert cfg2.model.resolved() == "roberta-base"
+
+
+def test_flows_give_the_ephemeral_prefect_server_time_to_create_its_database(tmp_path):
+    """A new PREFECT_HOME migrates a fresh SQLite database on the first command: more than
+    Prefect's default 20 s startup timeout on slow hosts. Importing flows raises it, unless set."""
+    import subprocess
+    import sys
+
+    code = ("import flows, prefect.settings as s; "
+            "print(s.get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    env["PREFECT_HOME"] = str(tmp_path / "fresh-home")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) >= 120
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "45"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) == 45

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from l3m.scoring import PLLScorer, make_plan
+from l3m.scoring import PLLScorer, make_plan, onednn
 from l3m.scoring.plans import encode
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minicons_citation_intent.json"
@@ -125,17 +126,53 @@ def test_copies_split_over_batches_score_as_one_batch(tiny_model_dir: Path, one_
         np.testing.assert_allclose(x, y, atol=1e-5, equal_nan=True)
 
 
-def test_strided_and_bf16_track_exact(real_scorer: PLLScorer, shared_model: Path):
+def test_strided_tracks_exact(real_scorer: PLLScorer):
     texts = json.loads(FIXTURE.read_text())["texts"]
     exact = np.concatenate(real_scorer.score(texts, metric="within_word_l2r"))
     fin = np.isfinite(exact)
     strided = np.concatenate(real_scorer.score(texts, metric="within_word_l2r", mode="strided", stride=4))
     assert np.array_equal(np.isfinite(strided), fin)  # every target is scored once
     assert spearmanr(exact[fin], strided[fin])[0] >= 0.95
+
+
+@pytest.mark.skipif(not onednn.supports(torch.bfloat16),
+                    reason=f"no oneDNN bfloat16 kernel on this CPU (needs {onednn.LOW_PRECISION_CPU_NEEDS})")
+def test_bf16_tracks_exact(real_scorer: PLLScorer, shared_model: Path):
+    texts = json.loads(FIXTURE.read_text())["texts"]
+    exact = np.concatenate(real_scorer.score(texts, metric="within_word_l2r"))
+    fin = np.isfinite(exact)
     bf16 = PLLScorer(str(shared_model), dtype="bfloat16", device="cpu")
+    assert bf16.compute_dtype == torch.bfloat16
     fast = np.concatenate(bf16.score(texts, metric="within_word_l2r"))
     assert spearmanr(exact[fin], fast[fin])[0] >= 0.99
     assert np.abs(exact[fin] - fast[fin]).max() < 0.25
+
+
+def test_low_precision_without_a_cpu_kernel_falls_back_to_float32_with_a_reason(tiny_model_dir, monkeypatch, caplog):
+    monkeypatch.setattr(onednn, "supports", lambda dtype: dtype == torch.float32)
+    with caplog.at_level(logging.WARNING, logger="l3m.scoring"):
+        scorer = PLLScorer(str(tiny_model_dir), dtype="bfloat16", device="cpu")
+    assert scorer.compute_dtype == torch.float32
+    assert "bfloat16 requested, but this CPU has no oneDNN bfloat16 kernel" in caplog.text
+    fp32 = PLLScorer(str(tiny_model_dir), dtype="float32", device="cpu")
+    items = ["a short text", "another short text here"]
+    for a, b in zip(scorer.score(items), fp32.score(items), strict=True):
+        np.testing.assert_array_equal(a, b)
+    from serving.model_io import serving_dtype
+
+    assert serving_dtype("bfloat16", "cpu") == "float32" and serving_dtype("float32", "cpu") == "float32"
+
+
+def test_onednn_probe_agrees_with_the_kernel():
+    """The probe says yes exactly when a bf16 oneDNN GEMM runs (the fast path the engine takes)."""
+    x = torch.randn(8, 32).bfloat16()
+    w = torch.randn(16, 32).bfloat16()
+    try:
+        torch.ops.mkldnn._linear_pointwise(x, w, torch.zeros(16).bfloat16(), "none", [], "none")
+        ran = True
+    except RuntimeError:
+        ran = False
+    assert onednn.supports(torch.bfloat16) is ran
 
 
 def test_strided_plan_covers_each_target_once(real_scorer: PLLScorer):

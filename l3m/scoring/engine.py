@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from l3m.scoring import onednn
 from l3m.scoring.heads import MLMHead
 from l3m.scoring.packed import Group, PackedEncoder, supports_packed
 from l3m.scoring.plans import EncodedText, Item, Metric, Mode, Plan, encode, make_plan, normalise_items
@@ -38,13 +39,18 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 (else float16) on CUDA, float32 on CPU, where exact parity is the default."""
+    """``auto``: bfloat16 (else float16) on CUDA, float32 on CPU, where exact parity is the default.
+
+    A low precision asked for on a CPU without a kernel for it becomes float32 (logged).
+    """
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(DTYPES)}")
+    if device.type == "cpu":
+        return onednn.cpu_dtype(DTYPES[dtype], "scoring")
     return DTYPES[dtype]
 
 

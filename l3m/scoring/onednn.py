@@ -8,8 +8,14 @@ oneDNN's blocked layout skip the reorder inside every call (3-8% of GEMM time at
 
 from __future__ import annotations
 
+import logging
+from functools import cache
+
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger("l3m.scoring")
+LOW_PRECISION_CPU_NEEDS = "AVX512 (BW/VL/DQ), AVX512-BF16, AMX or AVX-NE-CONVERT"
 
 
 def available(device: torch.device) -> bool:
@@ -19,6 +25,36 @@ def available(device: torch.device) -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and torch.backends.mkldnn.is_available()
     )
+
+
+@cache
+def supports(dtype: torch.dtype) -> bool:
+    """Whether this CPU has a oneDNN GEMM kernel for ``dtype``, found by running a tiny one.
+
+    A probe rather than a CPU-flag check: oneDNN's own dispatch decides (and honours
+    ``ONEDNN_MAX_CPU_ISA``). Without a kernel, bf16/fp16 GEMMs either fail here or fall to
+    ATen's reference loops, several times slower than float32.
+    """
+    if dtype == torch.float32:
+        return True
+    if not available(torch.device("cpu")):
+        return False
+    x, w, b = torch.ones(4, 16, dtype=dtype), torch.ones(8, 16, dtype=dtype), torch.zeros(8, dtype=dtype)
+    try:
+        torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "none")
+    except RuntimeError:
+        return False
+    return True
+
+
+def cpu_dtype(dtype: torch.dtype, what: str) -> torch.dtype:
+    """``dtype`` if this CPU computes it natively, else float32 with a logged reason."""
+    if dtype == torch.float32 or supports(dtype):
+        return dtype
+    logger.warning("%s: %s requested, but this CPU has no oneDNN %s kernel (needs %s); using float32",
+                   what, str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."),
+                   LOW_PRECISION_CPU_NEEDS)
+    return torch.float32
 
 
 def prepack(w: torch.Tensor, rows: int) -> torch.Tensor:
