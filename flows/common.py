@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 
 from l3m.config import RunConfig, load_config
+from l3m.data.loading import LoadedDomain, load_domain
+from l3m.data.snapshot import load_snapshot
 
 
 def as_config(config: str | Path | RunConfig | dict, overrides: list[str] | None = None) -> RunConfig:
@@ -20,3 +22,11 @@ def as_config(config: str | Path | RunConfig | dict, overrides: list[str] | None
 def artifact_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def load_data(cfg: RunConfig, snapshot: str | None) -> LoadedDomain:
+    """The validated snapshot's data (the hand-off between steps); the raw sources only when a
+    caller passes none (library use without the validate step)."""
+    if snapshot:
+        return load_snapshot(snapshot)
+    return load_domain(cfg.domain)

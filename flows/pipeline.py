@@ -1,12 +1,16 @@
 """Prefect flow ``adapt-domain``: validate -> score -> train/evaluate -> register -> build bento.
 
-Every step is resumable, so a run killed in the middle continues from the failed step:
+Data flows forward once, as content-addressed artifacts: the validate step writes the validated
+data snapshot (``l3m.data.snapshot``), scoring and training read that snapshot, every run is
+named by the hash of what produced it (``l3m.identity``), and registration takes the chosen
+run's model directory. Every step is therefore resumable and honest about reuse:
 
-* validation is a cached task keyed on the bytes of the data files and the domain config
-  (results persisted under PREFECT_HOME): unchanged data is not validated twice;
+* validation is skipped when the snapshot of the same raw bytes, domain config and data code
+  exists; changed data or settings validate anew (a new snapshot, new fingerprint);
 * scoring reads the content-addressed score store first: scored texts cost no forward pass;
-* each (strategy, tuner, seed) run writes ``run.json`` when finished and checkpoints while it
-  trains: finished runs are reused, an interrupted one resumes from its last checkpoint;
+* each planned run writes ``run.json`` when finished and checkpoints while it trains, in a
+  directory named by its identity: a rerun reuses or resumes exactly the runs whose settings,
+  data and scores are unchanged, and trains the others;
 * registration is cached on the chosen model directory, so a rerun does not add a version.
 
 The steps are the same flows/tasks users run alone (``l3m validate|score|train``).
@@ -30,29 +34,8 @@ from flows.register import register_task
 from flows.score import score
 from flows.train import train
 from flows.validate import validate_task
-from l3m.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _file_digest(location: str) -> str:
-    p = Path(location)
-    if not p.exists():  # URLs (and missing files, which validation reports) hash by name
-        return location
-    h = hashlib.sha256()
-    with p.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def validation_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Same data bytes + same domain config (cleaning, thresholds) => same validation result."""
-    cfg: RunConfig = parameters["cfg"]
-    dom = cfg.domain
-    files = {s: _file_digest(dom.resolve(src.path)) for s, src in sorted(dom.splits.items())}
-    blob = json.dumps({"domain": dom.model_dump(mode="json"), "files": files}, sort_keys=True)
-    return "validate-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def register_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -61,11 +44,8 @@ def register_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"register-{digest}-{parameters.get('promote_margin', 0.0)}"
 
 
-# The same task functions as the stand-alone flows, re-wrapped with a cache key and persisted
+# The same task function as the stand-alone flow, re-wrapped with a cache key and persisted
 # results (so a rerun in another process finds them under PREFECT_HOME).
-validate_cached = task(name="validate-domain (cached)", cache_key_fn=validation_cache_key, persist_result=True)(
-    validate_task.fn
-)
 register_cached = task(name="register-model (cached)", cache_key_fn=register_cache_key, persist_result=True)(
     register_task.fn
 )
@@ -104,13 +84,13 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
     cfg = as_config(Path(config), overrides)
     out_dir = cfg.resolved_output_dir()
 
-    state = validate_cached(cfg, return_state=True)
-    validation = state.result()
-    validation_cached = state.name == "Cached"
-    log.info("validation: %s%s", "passed", " (cached: data and config unchanged)" if validation_cached else "")
+    validation = validate_task(cfg)
+    snapshot = validation["snapshot"]
+    log.info("validation: passed%s; data snapshot %s",
+             " (skipped: data and config unchanged)" if validation["cached"] else "", snapshot)
 
-    scoring = score(config, overrides)
-    trained = train(config, overrides)
+    scoring = score(config, overrides, snapshot=snapshot)
+    trained = train(config, overrides, snapshot=snapshot)
     chosen = best_run(trained["runs"], cfg.domain.metric)
     log.info("best dev %s: %s/%s seed %s -> %s", cfg.domain.metric, chosen["strategy"], chosen["tuner"],
              chosen["seed"], chosen["model_dir"])
@@ -120,12 +100,14 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
     summary = {
         "domain": cfg.domain.name,
         "output_dir": str(out_dir),
-        "validation": {**validation, "cached": validation_cached},
+        "validation": validation,
         "scoring": {"scorer_key": scoring["scorer_key"], "store": scoring["store"],
                     "tokens_scored": scoring["tokens_scored"],
                     "texts_scored": sum(s["scored"] for s in scoring["splits"].values()),
-                    "texts_from_store": sum(s["cached"] for s in scoring["splits"].values())},
+                    "texts_from_store": sum(s["cached"] for s in scoring["splits"].values()),
+                    "scope": scoring["scope"]},
         "results": trained["results"],
+        "runs": [{k: r[k] for k in ("run", "reused", "dev", "test")} for r in trained["runs"]],
         "tokenview": trained["prepared"].get("tokenview"),
         "chosen_run": {k: chosen[k] for k in ("strategy", "tuner", "seed", "dev", "test", "model_dir")},
         "registered": registered,

@@ -24,10 +24,13 @@ from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import artifact_key, as_config
+from flows.common import artifact_key, as_config, load_data
+from l3m import experiment
 from l3m.config import RunConfig
-from l3m.data.loading import load_domain
+from l3m.data.loading import LoadedDomain
 from l3m.scoring import ScoreStats, ScoreStore, score_texts
+
+Item = tuple[str, str | None]
 
 _STORES: dict[str, ScoreStore] = {}
 
@@ -58,18 +61,45 @@ def score_shard(
     }  # fmt: skip
 
 
-def _items(cfg: RunConfig) -> dict[str, list[tuple[str, str | None]]]:
-    loaded = load_domain(cfg.domain)
-    out: dict[str, list[tuple[str, str | None]]] = {}
-    for split, ds in loaded.dataset.items():
-        texts = list(ds["text"])
-        pairs = list(ds["text_pair"]) if "text_pair" in ds.column_names else [None] * len(texts)
-        items = list(zip(texts, pairs, strict=True))
-        out[split] = items[: cfg.scoring.limit] if cfg.scoring.limit else items
-    return out
+def plan_items(cfg: RunConfig, loaded: LoadedDomain) -> tuple[dict[str, list[Item]], list[str]]:
+    """What the run needs scored, per split, and one line per split saying why (or why not)."""
+    out: dict[str, list[Item]] = {}
+    why: list[str] = []
+    n_train = loaded.dataset["train"].num_rows
+    if experiment.needs_scores(cfg):
+        rows = experiment.needed_train_rows(cfg, n_train)
+        items = experiment.train_items(loaded)
+        out["train"] = [items[i] for i in rows]
+        limit = cfg.training.train_limit
+        why.append(f"train: {len(rows)} of {n_train} rows"
+                   + (f" (the rows training.train_limit={limit} selects for seeds {cfg.training.seeds})"
+                      if len(rows) < n_train else ""))
+        if cfg.training.use_unlabelled and loaded.unlabelled:
+            out["unlabelled"] = [(t, None) for t in loaded.unlabelled]
+            why.append(f"unlabelled: {len(loaded.unlabelled)} texts (training.use_unlabelled)")
+    else:
+        why.append("train: not scored (no strategy in this config reads vanilla scores)")
+    if cfg.scoring.shift_summary:
+        for split in ("dev", "test"):
+            out[split] = _split_items(loaded, split)
+        why.append("dev/test: scored for the domain-shift summary (scoring.shift_summary)")
+    else:
+        why.append("dev/test: not scored (set scoring.shift_summary: true for their mean log-likelihood)")
+    if cfg.scoring.limit:
+        out = {k: v[: cfg.scoring.limit] for k, v in out.items()}
+        why.append(f"scoring.limit: at most {cfg.scoring.limit} texts per split")
+    return out, why
 
 
-def summarise(cfg: RunConfig, results: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
+def _split_items(loaded: LoadedDomain, split: str) -> list[Item]:
+    ds = loaded.dataset[split]
+    texts = list(ds["text"])
+    pairs = list(ds["text_pair"]) if "text_pair" in ds.column_names else [None] * len(texts)
+    return list(zip(texts, pairs, strict=True))
+
+
+def summarise(cfg: RunConfig, results: list[dict[str, Any]], wall_seconds: float,
+              why: list[str] | None = None) -> dict[str, Any]:
     """Per-split and total counts; mean PLL = mean log p over scorable tokens (nats/token).
 
     ``seconds`` is model time (shards wait for each other's forward, uncounted); ``wall_seconds``
@@ -90,6 +120,7 @@ def summarise(cfg: RunConfig, results: list[dict[str, Any]], wall_seconds: float
         "domain": cfg.domain.name, "scorer_key": next(iter(keys), None), "store": str(cfg.score_store_dir()),
         "splits": splits, "tokens_scored": tokens, "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else 0.0, "wall_seconds": wall_seconds,
+        "scope": why or [],
     }  # fmt: skip
 
 
@@ -122,10 +153,22 @@ def to_markdown(summary: dict[str, Any], cfg: RunConfig) -> str:
 
 # The arg-type ignore below: Prefect's runner generics are invariant in the future type, so its
 # own runners do not type-check against TaskRunner[PrefectFuture[Any]] (prefect 3.8 stubs).
-@flow(name="score", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
-def score(config: str | Path | RunConfig | dict, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Score every split of the config's domain into the store; returns the summary dict."""
+@flow(name="score", task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
+def score(config: str | Path | RunConfig | dict, overrides: list[str] | None = None,
+          snapshot: str | None = None) -> dict[str, Any]:
+    """Score what the config's runs need (see ``plan_items``) into the store; returns the summary.
+
+    ``snapshot``: the validated data snapshot (the pipeline passes its validate step's); without
+    it the domain's data is validated into one first.
+    """
     cfg = as_config(config, overrides)
+    if snapshot is None:
+        from flows.train import ensure_snapshot
+
+        snapshot = ensure_snapshot(cfg)
+    planned, why = plan_items(cfg, load_data(cfg, snapshot))
+    for line in why:
+        get_run_logger().info("scoring scope: %s", line)
     sc, model = cfg.scoring, cfg.model
     settings = {
         "model": model.resolved(), "revision": model.revision, "metric": sc.metric,
@@ -134,7 +177,7 @@ def score(config: str | Path | RunConfig | dict, overrides: list[str] | None = N
     }  # fmt: skip
     t0 = time.perf_counter()
     futures = []
-    for split, items in _items(cfg).items():
+    for split, items in planned.items():
         for i, a in enumerate(range(0, len(items), sc.shard_size)):
             shard_items = items[a : a + sc.shard_size]
             futures.append(score_shard.submit(split, i, shard_items, dict(settings)))
@@ -144,7 +187,7 @@ def score(config: str | Path | RunConfig | dict, overrides: list[str] | None = N
     for fut in as_completed(futures):
         results.append(fut.result())
         update_progress_artifact(progress, 100.0 * len(results) / len(futures))
-    summary = summarise(cfg, results, wall_seconds=time.perf_counter() - t0)
+    summary = summarise(cfg, results, wall_seconds=time.perf_counter() - t0, why=why)
     create_markdown_artifact(
         markdown=to_markdown(summary, cfg),
         key=artifact_key("scores", cfg.domain.name),

@@ -1,4 +1,9 @@
-"""Prefect flow ``validate``: Great Expectations checks on a domain; bad data stops the run."""
+"""Prefect flow ``validate``: Great Expectations checks on a domain; bad data stops the run.
+
+Data that passes becomes the validated snapshot (``l3m.data.snapshot``) every later step reads.
+The snapshot is content-addressed (raw file bytes + domain config + data code), so an unchanged
+rerun finds it and skips validation; changed data or settings validate anew.
+"""
 
 from __future__ import annotations
 
@@ -7,34 +12,53 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
 
 from flows.common import artifact_key, as_config
 from l3m.config import RunConfig
-from l3m.data.loading import read_raw
+from l3m.data.loading import prepare, read_raw
 from l3m.data.report import to_markdown, write_report
+from l3m.data.snapshot import find_snapshot, read_manifest, snapshot_dir, write_snapshot
 from l3m.data.validation import DataValidationError, ValidationReport, validate_domain
 
 
 def validate_and_report(cfg: RunConfig) -> tuple[ValidationReport, dict[str, Path]]:
-    """Read, validate and write the report files; shared by the task and `l3m validate --no-prefect`."""
+    """Read, validate and write the report files; if the data passes, write its snapshot too.
+
+    Shared by the task and `l3m validate --no-prefect`. ``paths["snapshot"]`` is set on success.
+    """
     raw = read_raw(cfg.domain)  # DataError (missing file, bad line, wrong field) fails here, clearly
-    report = validate_domain(cfg.domain, raw)
-    return report, write_report(report, cfg.resolved_output_dir() / "validation")
+    prepared = prepare(cfg.domain, raw)
+    report = validate_domain(cfg.domain, raw, prepared)
+    paths = write_report(report, cfg.resolved_output_dir() / "validation")
+    if report.passed:
+        summary = {"passed": True, "warnings": len(report.warnings), "report": str(paths["json"])}
+        paths["snapshot"] = write_snapshot(snapshot_dir(cfg), cfg.domain, prepared, summary)
+    return report, paths
 
 
-@task(name="validate-domain")
+@task(name="validate-domain", cache_policy=NONE)
 def validate_task(cfg: RunConfig) -> dict[str, Any]:
     logger = get_run_logger()
+    existing = find_snapshot(cfg)
+    if existing is not None:
+        manifest = read_manifest(existing)
+        logger.info("data unchanged since snapshot %s (validated %s): validation skipped",
+                    existing.name, manifest["created"])
+        return {"passed": True, "cached": True, "snapshot": str(existing), "fingerprint": manifest["fingerprint"],
+                "warnings": manifest["validation"].get("warnings", 0), "report": manifest["validation"].get("report")}
     report, paths = validate_and_report(cfg)
-    md = to_markdown(report)
-    create_markdown_artifact(markdown=md, key=artifact_key("validation", cfg.domain.name),
+    create_markdown_artifact(markdown=to_markdown(report), key=artifact_key("validation", cfg.domain.name),
                              description=f"Data validation of {cfg.domain.name}")
     for w in report.warnings:
         logger.warning("[%s] %s: %s (%d rows) %s", w.split, w.check, w.description, w.unexpected_count, w.detail)
     logger.info("validation report: %s", paths["html"])
     if not report.passed:
         raise DataValidationError(report)
-    return {"passed": True, "errors": 0, "warnings": len(report.warnings),
+    manifest = read_manifest(paths["snapshot"])
+    logger.info("validated data snapshot: %s (fingerprint %s)", paths["snapshot"], manifest["fingerprint"])
+    return {"passed": True, "cached": False, "snapshot": str(paths["snapshot"]), "fingerprint": manifest["fingerprint"],
+            "errors": 0, "warnings": len(report.warnings),
             "report": str(paths["markdown"]), "html": str(paths["html"]), "json": str(paths["json"])}
 
 

@@ -146,6 +146,10 @@ class ScoringSpec(Strict):
     token_budget: int = Field(8192, ge=256)
     shard_size: int = Field(256, ge=1)
     limit: int | None = Field(None, ge=1)  # score only the first N texts per split (smoke runs)
+    # Scoring covers what training reads: the train rows runs train on (+ the unlabelled corpus
+    # when used). shift_summary also scores dev/test, for the per-split mean log-likelihood
+    # (how surprised the vanilla model is by each split).
+    shift_summary: bool = False
     store_dir: str | None = None  # default: <output_root>/scores
 
 
@@ -205,9 +209,10 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _unique_strategies(self) -> RunConfig:
-        kinds = [s.kind for s in self.strategies]
-        if len(kinds) != len(set(kinds)):
-            raise ValueError(f"strategies repeat a kind: {kinds}")
+        for name, specs in (("strategies", self.strategies), ("tuners", self.tuners)):
+            kinds = [s.kind for s in specs]
+            if len(kinds) != len(set(kinds)):
+                raise ValueError(f"{name} repeat a kind: {kinds}")
         return self
 
     def resolved_output_dir(self) -> Path:

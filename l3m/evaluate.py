@@ -111,3 +111,17 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
     for name, row in zip(names, report["confusion_matrix"], strict=True):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def majority_baseline(train_labels: Labels, split_labels: dict[str, Labels]) -> dict[str, Any]:
+    """The metrics of predicting the train-majority class everywhere: the bar a model must clear.
+
+    Macro-F1 of this constant predictor is what a collapsed (one-class) classifier scores, so a
+    model at or below it on dev has learned nothing usable.
+    """
+    values, counts = np.unique(np.asarray(train_labels), return_counts=True)
+    majority = int(values[counts.argmax()])
+    out: dict[str, Any] = {"label": majority}
+    for split, y in split_labels.items():
+        out[split] = headline(y, [majority] * len(y))
+    return out

@@ -1,14 +1,16 @@
 """Strategies x tuners x seeds on one domain, and the paper-style results table.
 
-Layout under the experiment directory (``cfg.resolved_output_dir()``):
-    <strategy>/<tuner>/seed<k>/{run.json, report.md, model/}   one run each (train.py)
-    results.md  results.csv  results.png                        the table (mean +- std)
-    tokenview.html                                              what L3 masks, a few texts
-    selective/                                                  stored Selective Masking picks
+Layout under the output directory (``cfg.resolved_output_dir()``):
+    runs/<strategy>-<tuner>-seed<k>-<run id>/{identity.json, run.json, report.md, model/}
+    experiments/<domain>-<experiment id>/{results.md, results.csv, results.png, experiment.json,
+                                          tokenview.html}
+    selective/                                              stored Selective Masking picks
 
-Every run writes its own ``run.json``, so runs can be spread over processes or Prefect tasks
-and the table rebuilt from whatever has finished (``summarize``). Vanilla scores are read
-from (or written once to) the score store before any training; training never scores.
+A run's directory is named by the hash of everything that determines it (``l3m.identity``):
+a finished run is reused and an interrupted one resumed only by a run of identical settings,
+data and scores. An experiment is its set of runs; its table aggregates exactly those. Vanilla
+scores are read from (or written once to) the score store before any training, and only for
+the train rows some run trains on.
 
 CLI (also what the Prefect flow ``train`` calls piecewise):
     python -m l3m.experiment domains/citation_intent.yaml strategies='[{kind: none}, {kind: l3}]'
@@ -18,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +28,13 @@ import numpy as np
 
 from l3m.config import MaskingSpec, RunConfig, TunerSpec, load_config
 from l3m.data.loading import LoadedDomain, encode_kwargs, load_domain, load_unlabelled
-from l3m.train import RUN_RECORD, RunRecord, TrainInputs, train_one
+from l3m.evaluate import majority_baseline
+from l3m.identity import RunKey, digest, experiment_dir, experiment_id, run_key
+from l3m.results import write_results
+from l3m.train import RUN_RECORD, RunRecord, TrainInputs, train_one, train_rows
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class RunKey:
-    strategy: str
-    tuner: str
-    seed: int
-
-    def path(self, exp_dir: Path) -> Path:
-        return exp_dir / self.strategy / self.tuner / f"seed{self.seed}"
-
-
-def plan(cfg: RunConfig) -> list[RunKey]:
-    return [RunKey(s.kind, t.kind, seed) for s in cfg.strategies for t in cfg.tuners for seed in cfg.training.seeds]
+MLM_SCORED = ("l3",)  # strategies that read the vanilla scores
 
 
 def _spec(cfg: RunConfig, kind: str) -> MaskingSpec:
@@ -55,15 +45,55 @@ def _tuner(cfg: RunConfig, kind: str) -> TunerSpec:
     return next(t for t in cfg.tuners if t.kind == kind)
 
 
+def needs_scores(cfg: RunConfig) -> bool:
+    return any(s.kind in MLM_SCORED for s in cfg.strategies)
+
+
+def current_score_key(cfg: RunConfig) -> str | None:
+    """The key of the scores L3 runs would read (no scoring: a hash of model files and settings)."""
+    if not needs_scores(cfg):
+        return None
+    from l3m.scoring import scorer_key
+
+    sc, m = cfg.scoring, cfg.model
+    return scorer_key(m.resolved(), m.revision, sc.metric, m.max_length, sc.mode, sc.stride)
+
+
+def data_identity(loaded: LoadedDomain, unlabelled: list[str] | None) -> str:
+    """The labelled snapshot's fingerprint, plus the unlabelled corpus when runs use it."""
+    return loaded.fingerprint if unlabelled is None else digest([loaded.fingerprint, unlabelled])[:16]
+
+
+def plan_runs(cfg: RunConfig, data_fingerprint: str) -> list[tuple[RunKey, dict[str, Any]]]:
+    """Every planned run with its identity, in table order (strategy, tuner, seed)."""
+    score_key = current_score_key(cfg)
+    return [run_key(cfg, s, t, seed, data_fingerprint, score_key)
+            for s in cfg.strategies for t in cfg.tuners for seed in cfg.training.seeds]
+
+
+def needed_train_rows(cfg: RunConfig, n_rows: int) -> list[int]:
+    """Train rows any planned seed trains on (all of them unless ``training.train_limit``)."""
+    rows: set[int] = set()
+    for seed in cfg.training.seeds:
+        rows.update(train_rows(n_rows, cfg.training.train_limit, seed))
+    return sorted(rows)
+
+
 def train_items(loaded: LoadedDomain) -> list[tuple[str, str | None]]:
     train = loaded.dataset["train"]
     pairs = list(train["text_pair"]) if loaded.has_pair else [None] * train.num_rows
     return list(zip(list(train["text"]), pairs, strict=True))
 
 
-def score_train(cfg: RunConfig, loaded: LoadedDomain) -> tuple[list[np.ndarray], str]:
-    """Vanilla token log-likelihoods of the train texts: a store read when already scored."""
-    return score_items(cfg, train_items(loaded))
+def score_train(cfg: RunConfig, loaded: LoadedDomain) -> tuple[list[np.ndarray | None], str]:
+    """Vanilla token log-likelihoods of the train rows runs train on (None elsewhere)."""
+    items = train_items(loaded)
+    rows = needed_train_rows(cfg, len(items))
+    arrays, key = score_items(cfg, [items[i] for i in rows])
+    out: list[np.ndarray | None] = [None] * len(items)
+    for i, a in zip(rows, arrays, strict=True):
+        out[i] = a
+    return out, key
 
 
 def score_items(cfg: RunConfig, items: list[tuple[str, str | None]]) -> tuple[list[np.ndarray], str]:
@@ -81,8 +111,9 @@ def score_items(cfg: RunConfig, items: list[tuple[str, str | None]]) -> tuple[li
 def prepare_inputs(cfg: RunConfig, loaded: LoadedDomain | None = None, log: Log = print) -> TrainInputs:
     loaded = loaded or load_domain(cfg.domain)
     inputs = TrainInputs(loaded)
-    if any(s.kind == "l3" for s in cfg.strategies):
-        log(f"scores: {loaded.dataset['train'].num_rows} train texts ({cfg.scoring.metric}, {cfg.scoring.mode})")
+    if needs_scores(cfg):
+        n = len(needed_train_rows(cfg, loaded.dataset["train"].num_rows))
+        log(f"scores: {n} of {loaded.dataset['train'].num_rows} train texts ({cfg.scoring.metric}, {cfg.scoring.mode})")
         inputs.token_logp, inputs.score_key = score_train(cfg, loaded)
     if cfg.training.use_unlabelled:
         inputs.unlabelled = load_unlabelled(cfg.domain)
@@ -91,6 +122,7 @@ def prepare_inputs(cfg: RunConfig, loaded: LoadedDomain | None = None, log: Log 
         if inputs.token_logp is not None:
             log(f"scores: {len(inputs.unlabelled)} unlabelled texts")
             inputs.unlabelled_logp, _ = score_items(cfg, [(t, None) for t in inputs.unlabelled])
+    inputs.data_fingerprint = data_identity(loaded, inputs.unlabelled)
     return inputs
 
 
@@ -116,39 +148,40 @@ def l3_rates(token_logp: list[np.ndarray], rate: float) -> dict[str, float]:
             "texts": len(token_logp), "texts_where_paper_falls_short": totals["texts_below_r"]}
 
 
-def selective_masks(cfg: RunConfig, inputs: TrainInputs, exp_dir: Path, log: Log = print) -> list[np.ndarray]:
-    """Gu et al.'s selection, from an STL classifier of this experiment (trained if needed)."""
+def _rater_key(cfg: RunConfig, data_fingerprint: str) -> RunKey:
+    """Selective Masking's rater: the STL run of the first tuner and seed (the same identity)."""
+    return run_key(cfg, MaskingSpec(kind="none"), cfg.tuners[0], cfg.training.seeds[0], data_fingerprint, None)[0]
+
+
+def selective_masks(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, log: Log = print) -> list[np.ndarray]:
+    """Gu et al.'s selection over the train rows runs use, rated by this config's STL classifier."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from l3m.masking.selective import SelectiveStore, compute_selective_masks
 
     spec = _spec(cfg, "selective")
-    seed = cfg.training.seeds[0]
-    # Reuse this experiment's STL run when there is one; otherwise train the rater outside the
-    # table's layout (selective/classifier is not a <strategy>/<tuner>/seed<k> directory).
-    clf_run = RunKey("none", cfg.tuners[0].kind, seed).path(exp_dir)
-    if not (clf_run / RUN_RECORD).exists():
-        clf_run = exp_dir / "selective" / "classifier"
-    if not (clf_run / RUN_RECORD).exists():
-        log("selective: training the STL classifier that rates token importance")
-        train_one(cfg, MaskingSpec(kind="none"), cfg.tuners[0], seed, TrainInputs(inputs.loaded), clf_run)
-    rec = RunRecord.load(clf_run / RUN_RECORD)
-    store = SelectiveStore(exp_dir / "selective")
-    key = store.key(f"{clf_run}:{rec.metrics['dev']}", inputs.loaded.fingerprint, spec.rate, spec.delta,
-                    cfg.model.max_length)
-    cached = store.get(key)
-    if cached is not None:
-        return cached
-    tok = AutoTokenizer.from_pretrained(rec.model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(rec.model_dir)
+    rater = _rater_key(cfg, inputs.data_fingerprint)
+    rec = run_planned(cfg, rater, TrainInputs(inputs.loaded, data_fingerprint=inputs.data_fingerprint), out_dir, log)
     items = train_items(inputs.loaded)
-    encs = [dict(tok(t, p, **encode_kwargs(cfg.model.max_length))) for t, p in items]
-    labels = list(inputs.loaded.dataset["train"]["label"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    log(f"selective: {len(encs)} texts, prefix evaluations batched on {device}")
-    masks = compute_selective_masks(model, tok, encs, labels, rate=spec.rate, delta=spec.delta, device=device)
-    store.put(key, masks)
+    rows = needed_train_rows(cfg, len(items))
+    store = SelectiveStore(out_dir / "selective")
+    key = store.key(f"{rater.run_id}:{digest(rows)}", inputs.loaded.fingerprint, spec.rate, spec.delta,
+                    cfg.model.max_length)
+    picked = store.get(key)
+    if picked is None:
+        tok = AutoTokenizer.from_pretrained(rec.model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(rec.model_dir)
+        encs = [dict(tok(*items[i], **encode_kwargs(cfg.model.max_length))) for i in rows]
+        labels = list(inputs.loaded.dataset["train"]["label"])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        log(f"selective: {len(encs)} texts, prefix evaluations batched on {device}")
+        picked = compute_selective_masks(model, tok, encs, [labels[i] for i in rows], rate=spec.rate,
+                                         delta=spec.delta, device=device)
+        store.put(key, picked)
+    masks: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(items)  # never read: not trained on
+    for i, m in zip(rows, picked, strict=True):
+        masks[i] = m
     return masks
 
 
@@ -160,136 +193,123 @@ def write_token_view(cfg: RunConfig, inputs: TrainInputs, exp_dir: Path, n: int 
     from l3m.tokenview import write_token_view as write
 
     tok = AutoTokenizer.from_pretrained(cfg.model.resolved())
-    items = train_items(inputs.loaded)[:n]
-    toks = [tok.convert_ids_to_tokens(tok(t, p, **encode_kwargs(cfg.model.max_length))["input_ids"]) for t, p in items]
-    names = list(inputs.loaded.dataset["train"]["label_name"])[:n]
+    rows = [i for i, a in enumerate(inputs.token_logp) if a is not None][:n]
+    items = train_items(inputs.loaded)
+    toks = [tok.convert_ids_to_tokens(tok(*items[i], **encode_kwargs(cfg.model.max_length))["input_ids"]) for i in rows]
+    names = list(inputs.loaded.dataset["train"]["label_name"])
     rate = next((s.rate for s in cfg.strategies if s.kind == "l3"), 0.15)
-    return write(exp_dir / "tokenview.html", toks, inputs.token_logp[:n], rate=rate,
-                 titles=[f"train[{i}] label={lab}" for i, lab in enumerate(names)],
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    scores = [a for a in (inputs.token_logp[i] for i in rows) if a is not None]
+    return write(exp_dir / "tokenview.html", toks, scores, rate=rate,
+                 titles=[f"train[{i}] label={names[i]}" for i in rows],
                  heading=f"{cfg.domain.name}: vanilla surprisal and L3 masking probability ({cfg.model.name_or_path})")
 
 
-def run_one(cfg: RunConfig, key: RunKey, inputs: TrainInputs, exp_dir: Path, log: Log = print) -> RunRecord:
+def run_planned(cfg: RunConfig, key: RunKey, inputs: TrainInputs, out_dir: Path, log: Log = print) -> RunRecord:
+    """Train (or reuse, or resume) one planned run in its identity-named directory."""
+    run_dir = key.path(out_dir)
+    if (run_dir / RUN_RECORD).exists():
+        log(f"run {key.name}: finished before with identical settings, data and scores: reused")
+        return RunRecord.load(run_dir / RUN_RECORD)
     if key.strategy == "selective" and inputs.selective_mask is None:
-        inputs.selective_mask = selective_masks(cfg, inputs, exp_dir, log)
-    log(f"run {key.strategy}/{key.tuner}/seed{key.seed}")
-    return train_one(cfg, _spec(cfg, key.strategy), _tuner(cfg, key.tuner), key.seed, inputs, key.path(exp_dir))
+        inputs.selective_mask = selective_masks(cfg, inputs, out_dir, log)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ident = run_identity_of(cfg, key, inputs)
+    (run_dir / "identity.json").write_text(json.dumps(ident, indent=2, sort_keys=True))
+    log(f"run {key.name}")
+    return train_one(cfg, _masking(cfg, key.strategy), _tuner(cfg, key.tuner), key.seed, inputs, run_dir,
+                     run_id=key.run_id)
 
 
-def summarize(exp_dir: Path) -> list[dict[str, Any]]:
-    """One row per (strategy, tuner): mean and sample std over seeds, in points (x100)."""
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
-    for path in sorted(Path(exp_dir).glob(f"*/*/seed*/{RUN_RECORD}")):
-        rec = RunRecord.load(path)
-        groups.setdefault((rec.strategy, rec.tuner), []).append(rec)
-    order = {"none": 0, "random": 1, "selective": 2, "l3": 3}
-    rows = []
-    for (strategy, tuner), recs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0])):
-        row: dict[str, Any] = {"strategy": strategy, "tuner": tuner, "seeds": len(recs)}
-        for split in ("dev", "test"):
-            for m in ("accuracy", "macro_f1"):
-                vals = [100 * r.metrics[split][m] for r in recs]
-                row[f"{split}_{m}_mean"] = statistics.fmean(vals)
-                row[f"{split}_{m}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        row["realised_rate"] = statistics.fmean(r.masking.get("realised_rate", 0.0) for r in recs)
-        row["median_step_ms"] = 1000 * statistics.fmean(r.median_step_seconds for r in recs)
-        row["train_seconds"] = statistics.fmean(r.train_seconds for r in recs)
-        rows.append(row)
-    return rows
+def _masking(cfg: RunConfig, kind: str) -> MaskingSpec:
+    # STL has no masking: its spec's other fields mean nothing (and must not split identities).
+    return MaskingSpec(kind="none") if kind == "none" else _spec(cfg, kind)
 
 
-LABELS = {"none": "STL", "random": "RTM", "selective": "Selective", "l3": "L3"}
+def run_identity_of(cfg: RunConfig, key: RunKey, inputs: TrainInputs) -> dict[str, Any]:
+    from l3m.identity import run_identity
+
+    ident = run_identity(cfg, _masking(cfg, key.strategy), _tuner(cfg, key.tuner), key.seed,
+                         inputs.data_fingerprint, current_score_key(cfg))
+    if digest(ident) != key.run_id:  # the plan and the inputs disagree: refuse rather than mislabel
+        raise RuntimeError(f"run {key.name}: identity changed between planning and training")
+    return ident
 
 
-def table_markdown(rows: Iterable[dict[str, Any]]) -> str:
-    lines = ["| strategy | tuner | seeds | test acc | test macro-F1 | dev acc | dev macro-F1 | realised mask rate | step ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    def cell(r: dict[str, Any], s: str, m: str) -> str:
-        return f"{r[f'{s}_{m}_mean']:.2f} ± {r[f'{s}_{m}_std']:.2f}"
-
-    for r in rows:
-        rate = f"{r['realised_rate']:.3f}" if r["strategy"] != "none" else "-"
-        lines.append(f"| {LABELS.get(r['strategy'], r['strategy'])} | {r['tuner']} | {r['seeds']} | "
-                     f"{cell(r, 'test', 'accuracy')} | {cell(r, 'test', 'macro_f1')} | {cell(r, 'dev', 'accuracy')} | "
-                     f"{cell(r, 'dev', 'macro_f1')} | {rate} | {r['median_step_ms']:.1f} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_results(exp_dir: Path, title: str = "") -> dict[str, Path]:
-    """results.md / results.csv / results.png from the finished runs under ``exp_dir``."""
-    import pandas as pd
-
-    rows = summarize(exp_dir)
-    exp_dir = Path(exp_dir)
-    out = {"md": exp_dir / "results.md", "csv": exp_dir / "results.csv", "png": exp_dir / "results.png"}
-    out["md"].write_text((f"# {title}\n\n" if title else "") + "Test/dev scores in points, mean ± sample std over seeds.\n\n"
-                         + table_markdown(rows))
-    pd.DataFrame(rows).to_csv(out["csv"], index=False)
-    _plot(rows, out["png"], title)
-    return out
+def experiment_settings(cfg: RunConfig, loaded: LoadedDomain, train_rows_used: int) -> list[str]:
+    """The lines the results table opens with: what its numbers belong to."""
+    t, m = cfg.training, cfg.model
+    sizes = ", ".join(f"{k} {v.num_rows}" for k, v in loaded.dataset.items())
+    budget = f"max_steps {t.max_steps}" if t.max_steps > 0 else f"epochs {t.epochs:g}"
+    lines = [f"model `{m.name_or_path}`, max_length {m.max_length}",
+             f"splits: {sizes} rows (train rows used per run: {train_rows_used})",
+             f"training: {budget}, batch {t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g}, "
+             f"mlm_weight {t.mlm_weight:g}, seeds {t.seeds}",
+             f"scores: {cfg.scoring.metric}, {cfg.scoring.mode}" + (f" k={cfg.scoring.stride}" if cfg.scoring.mode == "strided" else ""),
+             f"data snapshot {loaded.fingerprint}"]
+    lines += [f"data note: {n}" for n in loaded.notes]
+    return lines
 
 
-def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [f"{LABELS.get(r['strategy'], r['strategy'])}" + (f"\n{r['tuner']}" if r["tuner"] != "full" else "") for r in rows]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(rows) + 2), 3.6))
-    for off, m, color in ((-0.18, "accuracy", "#4c72b0"), (0.18, "macro_f1", "#dd8452")):
-        ax.bar(x + off, [r[f"test_{m}_mean"] for r in rows], 0.36, yerr=[r[f"test_{m}_std"] for r in rows],
-               capsize=3, label=f"test {m.replace('_', '-')}", color=color)
-    ax.set_xticks(x, names)
-    ax.set_ylabel("points")
-    lo = min([r["test_macro_f1_mean"] - r["test_macro_f1_std"] for r in rows] + [100])
-    ax.set_ylim(max(0, lo - 10), 100)
-    ax.legend(loc="upper right")  # bars start at 0 and rarely reach the top
-    ax.set_title(title or "strategies (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def baseline_of(loaded: LoadedDomain) -> dict[str, Any]:
+    ds = loaded.dataset
+    base = majority_baseline(ds["train"]["label"], {s: ds[s]["label"] for s in ("dev", "test")})
+    base["name"] = loaded.label_names[base["label"]]
+    return base
 
 
-def run_experiment(cfg: RunConfig, log: Log = print) -> dict[str, Path]:
+def tabulate(cfg: RunConfig, inputs: TrainInputs, keys: list[RunKey]) -> dict[str, Path]:
+    """The experiment's results table and ``experiment.json`` (its runs, settings, baseline)."""
+    out_dir = cfg.resolved_output_dir()
+    exp_dir = experiment_dir(cfg, keys)
+    loaded = inputs.loaded
+    n_train = loaded.dataset["train"].num_rows
+    used = min(n_train, cfg.training.train_limit or n_train)
+    header = experiment_settings(cfg, loaded, used)
+    baseline = baseline_of(loaded)
+    paths = write_results(exp_dir, [k.path(out_dir) for k in keys], title=f"{cfg.domain.name} ({cfg.model.name_or_path})",
+                          header=header, baseline=baseline)
+    record = {"experiment_id": experiment_id(keys), "domain": cfg.domain.name, "settings": header,
+              "runs": [k.name for k in keys], "baseline": baseline,
+              "splits": {k: v.num_rows for k, v in loaded.dataset.items()}, "train_rows_used": used,
+              "config": cfg.model_dump(mode="json")}
+    paths["json"] = exp_dir / "experiment.json"
+    paths["json"].write_text(json.dumps(record, indent=2, default=str))
+    return paths
+
+
+def run_experiment(cfg: RunConfig, log: Log = print, loaded: LoadedDomain | None = None) -> dict[str, Path]:
     """Everything in one process: score once, train every planned run, write the table."""
-    exp_dir = cfg.resolved_output_dir()
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    inputs = prepare_inputs(cfg, log=log)
+    inputs = prepare_inputs(cfg, loaded, log=log)
+    keys = [k for k, _ in plan_runs(cfg, inputs.data_fingerprint)]
     outputs = {}
-    if (view := write_token_view(cfg, inputs, exp_dir)) is not None:
+    if (view := write_token_view(cfg, inputs, experiment_dir(cfg, keys))) is not None:
         outputs["tokenview"] = view
-    for key in plan(cfg):
-        rec = run_one(cfg, key, inputs, exp_dir, log)
+    for key in keys:
+        rec = run_planned(cfg, key, inputs, cfg.resolved_output_dir(), log)
         log(f"  test acc {100 * rec.metrics['test']['accuracy']:.2f} macro-F1 {100 * rec.metrics['test']['macro_f1']:.2f}")
-    outputs.update(write_results(exp_dir, title=f"{cfg.domain.name} ({cfg.model.name_or_path})"))
+    outputs.update(tabulate(cfg, inputs, keys))
     return outputs
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m l3m.experiment", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m l3m.experiment", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", help="key.sub=value (YAML values)")
-    ap.add_argument("--summarize-only", action="store_true", help="rebuild the table from finished runs")
     ap.add_argument("--prepare-only", action="store_true",
                     help="score the train texts into the store and write the token view, train nothing")
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
     if a.prepare_only:
-        exp_dir = cfg.resolved_output_dir()
-        exp_dir.mkdir(parents=True, exist_ok=True)
         inputs = prepare_inputs(cfg)
+        exp_dir = experiment_dir(cfg, [k for k, _ in plan_runs(cfg, inputs.data_fingerprint)])
         print(f"tokenview: {write_token_view(cfg, inputs, exp_dir)}")
         if inputs.token_logp is not None:
-            rates = l3_rates(inputs.token_logp, _spec(cfg, "l3").rate)
+            rates = l3_rates([a for a in inputs.token_logp if a is not None], _spec(cfg, "l3").rate)
             (exp_dir / "l3_rates.json").write_text(json.dumps(rates, indent=2))
             print(f"l3 rates: {rates}")
         return
-    if a.summarize_only:
-        paths = write_results(cfg.resolved_output_dir(), title=f"{cfg.domain.name} ({cfg.model.name_or_path})")
-    else:
-        paths = run_experiment(cfg)
+    paths = run_experiment(cfg)
     print(Path(paths["md"]).read_text())
     for k, p in paths.items():
         print(f"{k}: {p}")

@@ -21,6 +21,7 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,16 +62,22 @@ class TrainInputs:
     """What a run needs besides the config: the data and the precomputed per-token columns.
 
     ``token_logp`` / ``selective_mask`` are aligned with ``loaded.dataset["train"]`` rows and
-    each array has the length of that row's ``input_ids`` (the scoring contract).
+    each array has the length of that row's ``input_ids`` (the scoring contract). A row no run
+    trains on (outside every seed's ``train_limit`` subsample) may hold None: it is never scored.
     """
 
     loaded: LoadedDomain
-    token_logp: list[np.ndarray] | None = None
+    token_logp: list[np.ndarray | None] | None = None
     selective_mask: list[np.ndarray] | None = None
     score_key: str | None = None
     # The unlabelled in-domain corpus (training.use_unlabelled) and its vanilla scores.
     unlabelled: list[str] | None = None
     unlabelled_logp: list[np.ndarray] | None = None
+    # What a run's identity calls its data: the snapshot fingerprint (+ the corpus when used).
+    data_fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        self.data_fingerprint = self.data_fingerprint or self.loaded.fingerprint
 
 
 @dataclass
@@ -86,6 +93,8 @@ class RunRecord:
     global_steps: int = 0
     best_checkpoint: str | None = None
     model_dir: str = ""
+    run_id: str = ""
+    train_rows: int = 0
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -122,7 +131,17 @@ def encode(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, has
     return ds.map(fn, batched=True, desc="tokenize")
 
 
-def attach(ds: Dataset, name: str, arrays: list[np.ndarray]) -> Dataset:
+def train_rows(n_rows: int, limit: int | None, seed: int) -> list[int]:
+    """The train rows a run of ``seed`` trains on: all, or a seeded subsample of ``limit`` rows.
+
+    A function of its own so scoring can compute the same rows beforehand and score only them.
+    """
+    if not limit or limit >= n_rows:
+        return list(range(n_rows))
+    return sorted(np.random.default_rng(seed).permutation(n_rows)[:limit].tolist())
+
+
+def attach(ds: Dataset, name: str, arrays: Sequence[np.ndarray | None]) -> Dataset:
     """Add a per-token float column, checking each array matches its row's token count."""
     if len(arrays) != ds.num_rows:
         raise ValueError(f"{name}: {len(arrays)} arrays for {ds.num_rows} rows")
@@ -136,11 +155,16 @@ def attach(ds: Dataset, name: str, arrays: list[np.ndarray]) -> Dataset:
 
 def encode_domain(inputs: TrainInputs, tokenizer: PreTrainedTokenizerBase, max_length: int) -> DatasetDict:
     loaded = inputs.loaded
-    ds = DatasetDict({k: encode(v, tokenizer, max_length, loaded.has_pair) for k, v in loaded.dataset.items()})
+    return DatasetDict({k: encode(v, tokenizer, max_length, loaded.has_pair) for k, v in loaded.dataset.items()})
+
+
+def select_train(train: Dataset, inputs: TrainInputs, rows: list[int]) -> Dataset:
+    """The run's train rows with their per-token columns (scores, selective picks) attached."""
+    ds = train.select(rows) if len(rows) != train.num_rows else train
     if inputs.token_logp is not None:
-        ds["train"] = attach(ds["train"], "token_logp", inputs.token_logp)
+        ds = attach(ds, "token_logp", [inputs.token_logp[i] for i in rows])
     if inputs.selective_mask is not None:
-        ds["train"] = attach(ds["train"], "selective_mask", inputs.selective_mask)
+        ds = attach(ds, "selective_mask", [inputs.selective_mask[i] for i in rows])
     return ds
 
 
@@ -241,11 +265,13 @@ def _mixed_precision(cfg: RunConfig) -> dict[str, Any]:
 
 def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed: int, inputs: TrainInputs,
               out_dir: str | Path, *, resume: bool = True, keep_checkpoints: bool = False,
-              tokenizer: PreTrainedTokenizerBase | None = None, encoded: DatasetDict | None = None) -> RunRecord:
+              tokenizer: PreTrainedTokenizerBase | None = None, encoded: DatasetDict | None = None,
+              run_id: str = "") -> RunRecord:
     """Train, pick the best dev checkpoint, evaluate dev+test, export ``out_dir/model``.
 
     A finished run (``out_dir/run.json`` present) is returned as is when ``resume``; an
-    interrupted one continues from its last checkpoint.
+    interrupted one continues from its last checkpoint. Both are only safe because ``out_dir``
+    is named by the run's identity (``l3m.identity``): another config never shares it.
     """
     out_dir = Path(out_dir)
     record_path = out_dir / RUN_RECORD
@@ -255,9 +281,8 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     base = cfg.model.resolved()
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(base, revision=cfg.model.revision)
     encoded = encoded or encode_domain(inputs, tokenizer, cfg.model.max_length)
-    train_ds = encoded["train"]
-    if t_cfg.train_limit:
-        train_ds = train_ds.shuffle(seed=seed).select(range(min(t_cfg.train_limit, train_ds.num_rows)))
+    rows = train_rows(encoded["train"].num_rows, t_cfg.train_limit, seed)
+    train_ds = select_train(encoded["train"], inputs, rows)
     strategy = build_masking(masking)
     missing = [c for c in strategy.columns if c not in train_ds.column_names]
     if missing:
@@ -337,6 +362,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         "config": cfg.model_dump(mode="json"), "data_fingerprint": loaded.fingerprint,
         "score_key": inputs.score_key if masking.kind == "l3" else None,
         "max_length": cfg.model.max_length, "text_pair": loaded.has_pair, "code_version": code_version(),
+        "run_id": run_id, "train_rows": len(rows),
         "masking_stats": collator.stats.as_dict(), "export": exported,
     }
     (model_dir / "l3m.json").write_text(json.dumps(meta, indent=2))
@@ -350,7 +376,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         masking=collator.stats.as_dict(), train_seconds=round(train_seconds, 2),
         median_step_seconds=statistics.median(timer.times) if timer.times else 0.0,
         global_steps=trainer.state.global_step, best_checkpoint=trainer.state.best_model_checkpoint,
-        model_dir=str(model_dir),
+        model_dir=str(model_dir), run_id=run_id, train_rows=len(rows),
     )
     record.save(record_path)
     if not keep_checkpoints:

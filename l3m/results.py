@@ -1,0 +1,109 @@
+"""The results table of one experiment: mean ± std over seeds per (strategy, tuner).
+
+It aggregates exactly the runs it is given (the experiment's planned runs, by identity), never
+whatever happens to lie in a directory, and it states the settings, split sizes and the
+majority-class baseline the numbers belong to.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from l3m.train import RUN_RECORD, RunRecord
+
+LABELS = {"none": "STL", "random": "RTM", "selective": "Selective", "l3": "L3"}
+ORDER = {"none": 0, "random": 1, "selective": 2, "l3": 3}
+
+
+def summarize(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
+    """One row per (strategy, tuner) over the finished runs among ``run_dirs``, in points (x100)."""
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for d in run_dirs:
+        if (Path(d) / RUN_RECORD).exists():
+            rec = RunRecord.load(Path(d) / RUN_RECORD)
+            groups.setdefault((rec.strategy, rec.tuner), []).append(rec)
+    rows = []
+    for (strategy, tuner), recs in sorted(groups.items(), key=lambda kv: (ORDER.get(kv[0][0], 9), kv[0])):
+        row: dict[str, Any] = {"strategy": strategy, "tuner": tuner, "seeds": len(recs)}
+        for split in ("dev", "test"):
+            for m in ("accuracy", "macro_f1"):
+                vals = [100 * r.metrics[split][m] for r in recs]
+                row[f"{split}_{m}_mean"] = statistics.fmean(vals)
+                row[f"{split}_{m}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        row["realised_rate"] = statistics.fmean(r.masking.get("realised_rate", 0.0) for r in recs)
+        row["median_step_ms"] = 1000 * statistics.fmean(r.median_step_seconds for r in recs)
+        row["train_seconds"] = statistics.fmean(r.train_seconds for r in recs)
+        row["train_rows"] = max(r.train_rows for r in recs)
+        rows.append(row)
+    return rows
+
+
+def table_markdown(rows: Iterable[dict[str, Any]], baseline: dict[str, Any] | None = None) -> str:
+    lines = ["| strategy | tuner | seeds | test acc | test macro-F1 | dev acc | dev macro-F1 | realised mask rate | step ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r: dict[str, Any], s: str, m: str) -> str:
+        return f"{r[f'{s}_{m}_mean']:.2f} ± {r[f'{s}_{m}_std']:.2f}"
+
+    for r in rows:
+        rate = f"{r['realised_rate']:.3f}" if r["strategy"] != "none" else "-"
+        lines.append(f"| {LABELS.get(r['strategy'], r['strategy'])} | {r['tuner']} | {r['seeds']} | "
+                     f"{cell(r, 'test', 'accuracy')} | {cell(r, 'test', 'macro_f1')} | {cell(r, 'dev', 'accuracy')} | "
+                     f"{cell(r, 'dev', 'macro_f1')} | {rate} | {r['median_step_ms']:.1f} |")
+    if baseline:
+        t, d = baseline["test"], baseline["dev"]
+        lines.append(f"| majority class ({baseline['name']}) | - | - | {100 * t['accuracy']:.2f} | "
+                     f"{100 * t['macro_f1']:.2f} | {100 * d['accuracy']:.2f} | {100 * d['macro_f1']:.2f} | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(exp_dir: Path, run_dirs: list[Path], title: str = "", header: list[str] | None = None,
+                  baseline: dict[str, Any] | None = None) -> dict[str, Path]:
+    """results.md / results.csv / results.png of the finished runs among ``run_dirs``."""
+    import pandas as pd
+
+    rows = summarize(run_dirs)
+    exp_dir = Path(exp_dir)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    out = {"md": exp_dir / "results.md", "csv": exp_dir / "results.csv", "png": exp_dir / "results.png"}
+    intro = [f"# {title}", ""] if title else []
+    intro += [*(f"- {h}" for h in header or []), "", "Scores in points, mean ± sample std over seeds.", ""]
+    out["md"].write_text("\n".join(intro) + "\n" + table_markdown(rows, baseline))
+    pd.DataFrame(rows).to_csv(out["csv"], index=False)
+    _plot(rows, out["png"], title, header, baseline)
+    return out
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, title: str, header: list[str] | None,
+          baseline: dict[str, Any] | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{LABELS.get(r['strategy'], r['strategy'])}" + (f"\n{r['tuner']}" if r["tuner"] != "full" else "") for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(rows) + 2), 4.0))
+    for off, m, color in ((-0.18, "accuracy", "#4c72b0"), (0.18, "macro_f1", "#dd8452")):
+        ax.bar(x + off, [r[f"test_{m}_mean"] for r in rows], 0.36, yerr=[r[f"test_{m}_std"] for r in rows],
+               capsize=3, label=f"test {m.replace('_', '-')}", color=color)
+    lo = min([r["test_macro_f1_mean"] - r["test_macro_f1_std"] for r in rows] + [100])
+    if baseline:
+        base = 100 * baseline["test"]["macro_f1"]
+        ax.axhline(base, color="#555", linestyle="--", linewidth=1, label="majority-class macro-F1")
+        lo = min(lo, base)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("points")
+    ax.set_ylim(max(0, lo - 10), 100)
+    ax.legend(loc="upper right", fontsize=8)  # bars start at 0 and rarely reach the top
+    ax.set_title(title or "strategies (mean ± std over seeds)", fontsize=10)
+    if header:  # the settings these numbers belong to, under the axes
+        fig.text(0.01, 0.01, "; ".join(header)[:220], fontsize=6, color="#444")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

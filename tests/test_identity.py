@@ -1,0 +1,104 @@
+"""Run identity: a run is reused or resumed only by a run of identical settings, data and scores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_training import _fake_logp, domain, tiny_model  # noqa: F401  (fixtures)
+from transformers import AutoTokenizer
+
+from l3m import experiment
+from l3m.config import RunConfig
+from l3m.identity import experiment_id
+from l3m.train import RUN_RECORD
+
+
+def _cfg(domain, model, tmp_path, **training):  # noqa: F811
+    t = {"epochs": 1, "batch_size": 16, "seeds": [1], "fp16_on_cuda": False, **training}
+    return RunConfig(domain=domain, model={"name_or_path": str(model), "max_length": 32},
+                     strategies=[{"kind": "none"}, {"kind": "l3"}], training=t, output_dir=str(tmp_path))
+
+
+def _ids(cfg, fp="data-a"):
+    return {(k.strategy, k.seed): k.run_id for k, _ in experiment.plan_runs(cfg, fp)}
+
+
+def test_every_input_of_a_run_changes_its_identity(domain, tiny_model, tmp_path):  # noqa: F811
+    base = _cfg(domain, tiny_model, tmp_path)
+    ids = _ids(base)
+    assert ids == _ids(_cfg(domain, tiny_model, tmp_path / "elsewhere"))  # the output location is not identity
+    changed = {
+        "epochs": _cfg(domain, tiny_model, tmp_path, epochs=2),
+        "lr": _cfg(domain, tiny_model, tmp_path, lr=1e-4),
+        "train_limit": _cfg(domain, tiny_model, tmp_path, train_limit=20),
+        "max_steps": _cfg(domain, tiny_model, tmp_path, max_steps=7),
+    }
+    for what, cfg in changed.items():
+        new = _ids(cfg)
+        assert all(new[k] != ids[k] for k in ids), what
+    assert all(_ids(base, fp="data-b")[k] != ids[k] for k in ids)  # changed data
+    seeds = _ids(_cfg(domain, tiny_model, tmp_path, seeds=[1, 2]))
+    assert seeds[("l3", 1)] == ids[("l3", 1)] and seeds[("l3", 2)] != ids[("l3", 1)]
+    # Settings only the MLM strategies read retrain those, not the STL baseline.
+    mlm = _ids(_cfg(domain, tiny_model, tmp_path, mlm_weight=0.3))
+    assert mlm[("l3", 1)] != ids[("l3", 1)] and mlm[("none", 1)] == ids[("none", 1)]
+    # Another score set (exact -> strided) changes L3 only.
+    strided = base.model_copy(update={"scoring": base.scoring.model_copy(update={"mode": "strided"})})
+    new = _ids(strided)
+    assert new[("l3", 1)] != ids[("l3", 1)] and new[("none", 1)] == ids[("none", 1)]
+    # A masking setting of L3 changes L3.
+    rate = base.model_copy(update={"strategies": [base.strategies[0], base.strategies[1].model_copy(update={"rate": 0.3})]})
+    assert _ids(rate)[("l3", 1)] != ids[("l3", 1)]
+
+
+def test_another_base_model_file_changes_the_identity(domain, tiny_model, tmp_path):  # noqa: F811
+    import shutil
+
+    copy = tmp_path / "model-copy"
+    shutil.copytree(tiny_model, copy)
+    cfg = _cfg(domain, copy, tmp_path)
+    before = _ids(cfg)
+    config = json.loads((copy / "config.json").read_text())
+    config["hidden_dropout_prob"] = 0.2
+    (copy / "config.json").write_text(json.dumps(config))
+    after = _ids(cfg)
+    assert all(after[k] != before[k] for k in before)
+
+
+def test_experiment_id_is_the_set_of_its_runs(domain, tiny_model, tmp_path):  # noqa: F811
+    keys = [k for k, _ in experiment.plan_runs(_cfg(domain, tiny_model, tmp_path), "d")]
+    assert experiment_id(keys) == experiment_id(list(reversed(keys)))
+    assert experiment_id(keys) != experiment_id(keys[:1])
+
+
+@pytest.mark.slow
+def test_changed_config_trains_anew_unchanged_reuses_and_no_foreign_resume(domain, tiny_model, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    monkeypatch.setattr(experiment, "score_train", lambda cfg, loaded: (_fake_logp(loaded, tok), "fake-key"))
+    quiet = lambda s: None  # noqa: E731
+    cfg = _cfg(domain, tiny_model, tmp_path)
+    first = experiment.run_experiment(cfg, log=quiet)
+    runs = sorted((tmp_path / "runs").glob(f"*/{RUN_RECORD}"))
+    assert len(runs) == 2
+    mtimes = {p: p.stat().st_mtime_ns for p in runs}
+
+    again = experiment.run_experiment(cfg, log=quiet)  # unchanged: both reused, same table
+    assert {p: p.stat().st_mtime_ns for p in sorted((tmp_path / "runs").glob(f"*/{RUN_RECORD}"))} == mtimes
+    assert again["md"] == first["md"]
+
+    # An interrupted run of the changed config must not resume the old config's checkpoints:
+    # plant a checkpoint directory in the old run's place; the new run lives elsewhere.
+    changed = _cfg(domain, tiny_model, tmp_path, epochs=2)
+    out = experiment.run_experiment(changed, log=quiet)
+    all_runs = sorted((tmp_path / "runs").glob(f"*/{RUN_RECORD}"))
+    assert len(all_runs) == 4 and out["md"] != first["md"]
+    for p in all_runs:
+        if p not in mtimes:
+            rec = json.loads(p.read_text())
+            assert rec["global_steps"] == 6  # 48 rows / 16 x 2 epochs, from scratch
+            ident = json.loads((p.parent / "identity.json").read_text())
+            assert ident["training"]["epochs"] == 2
+    table = out["md"].read_text()
+    assert "epochs 2" in table and "| majority class" in table and "train rows used per run: 48" in table
