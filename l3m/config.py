@@ -60,20 +60,32 @@ class CleaningSpec(Strict):
     """Repairs applied after the raw data is validated; the checks then run again on the result.
 
     Each repair is off by default: a domain opts in, so the validation report always shows the
-    raw problem and the repair that handled it.
+    raw problem and the repair that handled it. Repairs act on train only: the standard dev/test
+    splits stay exactly as shipped (published numbers are computed on them) unless
+    ``eval_splits`` is set, and the report then says they are no longer the standard splits.
+    For a pair domain an example is its (text, text_pair) pair in every repair.
     """
 
-    drop_empty: bool = False  # rows whose text is null or blank
+    drop_empty: bool = False  # rows whose text (or pair) or label is null or blank
     unescape_html: bool = False  # &amp; -> &, <br> -> space
     dedupe: bool = False  # exact (text, pair, label) duplicates within a split; conflicting labels dropped
-    drop_leaked_from_train: bool = False  # train rows whose text also appears in dev/test
+    drop_leaked_from_train: bool = False  # train rows whose text/pair also appears in dev/test (never dev/test rows)
+    eval_splits: bool = False  # also clean dev/test with the repairs above (they stop being the standard splits)
+    dedupe_unlabelled: bool = False  # drop repeated lines of the unlabelled corpus (blank lines are always skipped)
 
 
 Severity = Literal["error", "warning", "off"]
 
 
 class ValidationSpec(Strict):
-    """Thresholds of the data checks (l3m.data.validation). Errors stop a run, warnings report."""
+    """Thresholds of the data checks (l3m.data.validation). Errors stop a run, warnings report.
+
+    Defaults: texts of ``min_chars`` (1) to ``max_chars`` (100,000) characters (also the corpus
+    lines); at least ``min_rows_per_split`` (10) rows per split and ``min_examples_per_class`` (5)
+    train examples per class; ``max_imbalance_ratio`` (50): the largest train class may have at
+    most 50 times the examples of the smallest before ``class_imbalance`` fails (a warning by
+    default; the observed ratio is always in the report). See docs/validation.md.
+    """
 
     min_chars: int = 1
     max_chars: int = 100_000

@@ -1,14 +1,17 @@
 """Load a domain's splits into a ``datasets.DatasetDict`` with a stable label mapping.
 
-Reading is two-staged on purpose: ``read_raw`` returns the splits as they are on disk (as
-pandas frames, values untouched) so validation can report the real problems; ``build_domain``
-applies the configured cleaning and turns the frames into the dataset every later step uses.
+Reading is three-staged on purpose: ``read_raw`` returns the splits as they are on disk (as
+pandas frames, values untouched, each row's 1-based source line in ``line``) and the raw
+unlabelled corpus, so validation can report the real problems where the user's editor finds
+them; ``prepare`` applies the configured cleaning and carves missing dev/test splits (both in
+``l3m.data.cleaning``), so validation checks exactly the rows later steps use; ``build_domain``
+turns the prepared frames into the dataset every later step uses.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
-import html
 import json
 import os
 import re
@@ -19,10 +22,12 @@ from pathlib import Path
 import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 
-from l3m.config import CleaningSpec, DomainConfig, SplitSource
+from l3m.config import DomainConfig, SplitSource
+from l3m.data.cleaning import StepCount, carve, clean_corpus, clean_splits, drop_leaked, split_status
+from l3m.data.columns import LABEL, LINE, PAIR, SPLITS, TEXT
 
-SPLITS = ("train", "dev", "test")
-TEXT, PAIR, LABEL = "text", "text_pair", "label"
+__all__ = ["LABEL", "LINE", "PAIR", "SPLITS", "TEXT", "DataError", "LoadedDomain", "PreparedDomain", "RawDomain",
+           "build_domain", "load_domain", "load_unlabelled", "prepare", "read_raw"]
 
 
 class DataError(ValueError):
@@ -31,11 +36,30 @@ class DataError(ValueError):
 
 @dataclass
 class RawDomain:
-    """Splits as read from disk, normalised only in column names (text/text_pair/label)."""
+    """Splits as read from disk, normalised only in column names (text/text_pair/label).
+
+    Each frame has a ``line`` column: the row's 1-based line in its file (the physical line,
+    blank lines counted; a CSV's header is line 1), or its 1-based record number where the
+    format has no lines (``line_kind[split] == "record"``: parquet, a JSON array, a URL).
+    """
 
     frames: dict[str, pd.DataFrame]
     sources: dict[str, str]
     has_pair: bool
+    line_kind: dict[str, str] = field(default_factory=dict)
+    unlabelled: list[str] | None = None  # every physical line of the corpus file, blank ones included
+    unlabelled_source: str | None = None
+
+
+@dataclass
+class PreparedDomain:
+    """The rows every later step uses: cleaned as configured, dev/test carved where missing."""
+
+    frames: dict[str, pd.DataFrame]  # train, dev, test: text, [text_pair], label (str), line (int)
+    notes: list[str]
+    unlabelled: list[str] | None  # the corpus after its cleaning; None when the domain has none
+    steps: list[StepCount] = field(default_factory=list)  # rows/classes after each cleaning step
+    split_status: dict[str, str] = field(default_factory=dict)  # dev/test: standard | carved | cleaned
 
 
 @dataclass
@@ -117,83 +141,75 @@ def _select_columns(df: pd.DataFrame, cfg: DomainConfig, where: str) -> pd.DataF
     return out.reset_index(drop=True)
 
 
+def _source_lines(location: str, fmt: str, n_rows: int) -> tuple[list[int], str]:
+    """Each row's 1-based physical line in its file, or its record number where there are no lines.
+
+    The readers skip blank lines, so row i is not line i + 1 once a file has one; the lines are
+    counted here, from the file itself, rather than inside the reader.
+    """
+    records = (list(range(1, n_rows + 1)), "record")
+    if "://" in location or fmt == "parquet":
+        return records
+    lines: list[int] = []
+    with open(location, encoding="utf-8", errors="replace", newline="") as fh:
+        if fmt == "csv":
+            reader, end, header_seen = csv.reader(fh), 0, False
+            for row in reader:
+                start, end = end + 1, reader.line_num  # a quoted field may span lines: take its first
+                if row and header_seen:
+                    lines.append(start)
+                header_seen = header_seen or bool(row)
+        else:
+            lines = [i for i, ln in enumerate(fh, start=1) if ln.strip()]
+    # A JSON array, or a CSV the reader split differently: fall back to record numbers.
+    return (lines, "line") if len(lines) == n_rows else records
+
+
+def read_corpus(location: str) -> list[str]:
+    """Every physical line of a plain-text corpus (blank lines kept, so index + 1 is the line)."""
+    if not os.path.exists(location):
+        raise DataError(f"{location}: unlabelled corpus not found")
+    data = Path(location).read_bytes()
+    # Split on newlines only (not str.splitlines' form feeds and U+2028), as an editor numbers lines.
+    parts = data.split(b"\n")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    lines = []
+    for i, part in enumerate(parts, start=1):
+        try:
+            lines.append(part.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{location}: line {i}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+    return lines
+
+
 def read_raw(cfg: DomainConfig) -> RawDomain:
     frames: dict[str, pd.DataFrame] = {}
     sources: dict[str, str] = {}
+    kinds: dict[str, str] = {}
     for split, src in cfg.splits.items():
-        location = cfg.resolve(src.path)
-        frames[split] = _select_columns(_read_table(location, src.resolved_format()), cfg, location)
-        sources[split] = location
-    return RawDomain(frames=frames, sources=sources, has_pair=cfg.text_pair_field is not None)
+        location, fmt = cfg.resolve(src.path), src.resolved_format()
+        df = _select_columns(_read_table(location, fmt), cfg, location)
+        lines, kinds[split] = _source_lines(location, fmt, len(df))
+        df[LINE] = lines
+        frames[split], sources[split] = df, location
+    corpus, corpus_source = None, None
+    if cfg.unlabelled is not None:
+        corpus_source = cfg.resolve(cfg.unlabelled.path)
+        corpus = read_corpus(corpus_source)
+    return RawDomain(frames=frames, sources=sources, has_pair=cfg.text_pair_field is not None, line_kind=kinds,
+                     unlabelled=corpus, unlabelled_source=corpus_source)
 
 
 def load_unlabelled(cfg: DomainConfig, src: SplitSource | None = None) -> list[str]:
-    """The in-domain unlabelled corpus: one text per non-blank line."""
+    """The in-domain unlabelled corpus as prepared (``prepare``'s ``unlabelled``): one text per non-blank line."""
     src = src or cfg.unlabelled
     if src is None:
         return []
-    location = cfg.resolve(src.path)
-    if not os.path.exists(location):
-        raise DataError(f"{location}: unlabelled corpus not found")
-    return [ln.strip() for ln in Path(location).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return clean_corpus(read_corpus(cfg.resolve(src.path)), cfg.cleaning)[0]
 
 
-# --------------------------------------------------------------------------- cleaning
-
-_TAG = re.compile(r"</?[a-zA-Z][^<>]*>")
-_SPACE = re.compile(r"\s+")
-
-
-def _unescape(text: object) -> object:
-    if not isinstance(text, str):
-        return text
-    return _SPACE.sub(" ", _TAG.sub(" ", html.unescape(text))).strip()
-
-
-def clean(raw: RawDomain, spec: CleaningSpec) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    """Apply the configured repairs; return the frames and a note per repair that changed rows."""
-    frames = {k: v.copy() for k, v in raw.frames.items()}
-    notes: list[str] = []
-    text_cols = [TEXT, PAIR] if raw.has_pair else [TEXT]
-    for split, df in frames.items():
-        if spec.unescape_html:
-            before = df[TEXT].copy()
-            for col in text_cols:
-                df[col] = df[col].map(_unescape)
-            changed = int((before != df[TEXT]).sum())
-            if changed:
-                notes.append(f"{split}: unescaped HTML in {changed} texts")
-        if spec.drop_empty:
-            blank = df[text_cols].map(lambda t: not isinstance(t, str) or not t.strip()).any(axis=1)
-            blank |= df[LABEL].isna()
-            if blank.any():
-                notes.append(f"{split}: dropped {int(blank.sum())} rows with empty/null text or label")
-                df = df[~blank]
-        if spec.dedupe:
-            keys = [c for c in (TEXT, PAIR) if c in df.columns]
-            labels_per_text = df.groupby(keys, dropna=False)[LABEL].transform("nunique")
-            conflicting = labels_per_text > 1
-            n_before = len(df)
-            df = df[~conflicting].drop_duplicates(subset=[*keys, LABEL])
-            if n_before != len(df):
-                notes.append(
-                    f"{split}: dedupe removed {n_before - len(df)} rows "
-                    f"({int(conflicting.sum())} with conflicting labels)"
-                )
-        frames[split] = df.reset_index(drop=True)
-    if spec.drop_leaked_from_train and "train" in frames:
-        held_out = set()
-        for split in ("dev", "test"):
-            if split in frames:
-                held_out |= set(frames[split][TEXT].astype(str))
-        leaked = frames["train"][TEXT].astype(str).isin(held_out)
-        if leaked.any():
-            notes.append(f"train: dropped {int(leaked.sum())} rows whose text also appears in dev/test")
-            frames["train"] = frames["train"][~leaked].reset_index(drop=True)
-    return frames, notes
-
-
-# --------------------------------------------------------------------------- building
+# --------------------------------------------------------------------------- preparing
 
 
 def _sort_labels(labels: Iterable[str]) -> list[str]:
@@ -201,6 +217,32 @@ def _sort_labels(labels: Iterable[str]) -> list[str]:
     if all(re.fullmatch(r"-?\d+", x) for x in labels):
         return sorted(labels, key=int)  # "2" before "10"
     return labels
+
+
+def label_names_for(cfg: DomainConfig, train: pd.DataFrame) -> list[str]:
+    """The declared label set, else the sorted set of train labels (id -> name)."""
+    return list(cfg.labels) if cfg.labels else _sort_labels(map(str, train[LABEL].dropna()))
+
+
+def prepare(cfg: DomainConfig, raw: RawDomain) -> PreparedDomain:
+    """Clean as configured, carve missing dev/test from train, drop leaked train rows; deterministic.
+
+    Carving comes before leakage handling so rows of a carved dev/test are compared with train
+    like a shipped split's; dev/test rows are never removed here unless ``cleaning.eval_splits``.
+    """
+    frames, notes, steps = clean_splits(raw.frames, cfg.cleaning)
+    notes += carve(frames, cfg.split_spec, label_names_for(cfg, frames["train"]))
+    notes += drop_leaked(frames, cfg.cleaning, steps)
+    corpus = None
+    if raw.unlabelled is not None:
+        corpus, corpus_notes = clean_corpus(raw.unlabelled, cfg.cleaning)
+        notes += corpus_notes
+    frames = {s: frames[s] for s in SPLITS}
+    return PreparedDomain(frames=frames, notes=notes, unlabelled=corpus, steps=steps,
+                          split_status=split_status(raw.frames, frames))
+
+
+# --------------------------------------------------------------------------- building
 
 
 def fingerprint(frames: dict[str, pd.DataFrame]) -> str:
@@ -214,55 +256,45 @@ def fingerprint(frames: dict[str, pd.DataFrame]) -> str:
 
 
 def build_domain(cfg: DomainConfig, frames: dict[str, pd.DataFrame], notes: list[str] | None = None) -> LoadedDomain:
-    notes = list(notes or [])
+    """The dataset from prepared frames (all three splits present: ``prepare`` carves, this does not)."""
+    missing = [s for s in SPLITS if s not in frames]
+    if missing:
+        raise DataError(f"{cfg.name}: split(s) {missing} missing: build from prepare()'s frames, which carve them")
     has_pair = cfg.text_pair_field is not None
-    train_labels = frames["train"][LABEL].dropna()
-    label_names = list(cfg.labels) if cfg.labels else _sort_labels(train_labels)
+    label_names = label_names_for(cfg, frames["train"])
     features = Features(
         {TEXT: Value("string"), **({PAIR: Value("string")} if has_pair else {}),
          LABEL: ClassLabel(names=label_names), "label_name": Value("string")}
     )
     parts = {}
-    for split, df in frames.items():
+    for split in SPLITS:
+        df = frames[split]
         bad = df[~df[LABEL].isin(label_names)]
         if len(bad):
             raise DataError(
                 f"{split}: {len(bad)} rows have labels outside {label_names}: "
                 f"{sorted(set(map(str, bad[LABEL])))[:5]} (run `l3m validate` for the report)"
             )
-        nontext = df[TEXT].map(lambda t: not isinstance(t, str) or not t.strip())
+        # A blank text in a standard dev/test split stays (it is part of the published split and
+        # the model can still predict it); train must not have one, and no split a non-string.
+        blank_ok = split != "train"
+        nontext = df[TEXT].map(lambda t, ok=blank_ok: not isinstance(t, str) or (not ok and not t.strip()))
         if nontext.any():
-            raise DataError(f"{split}: {int(nontext.sum())} rows have empty or non-string text (set cleaning.drop_empty)")
+            raise DataError(f"{split}: {int(nontext.sum())} rows have empty or non-string text "
+                            "(set cleaning.drop_empty; run `l3m validate` for the lines)")
         cols = {TEXT: df[TEXT].tolist(), LABEL: [label_names.index(x) for x in df[LABEL]],
                 "label_name": df[LABEL].tolist()}
         if has_pair:
             cols[PAIR] = df[PAIR].map(lambda t: t if isinstance(t, str) else "").tolist()
         parts[split] = Dataset.from_dict(cols, features=features)
-    ds = DatasetDict(parts)
-    fp = fingerprint(frames)
-    # Missing evaluation splits are carved from train, stratified and seeded so reruns agree.
-    spec = cfg.split_spec
-    for split, frac in (("test", spec.test_fraction), ("dev", spec.dev_fraction)):
-        if split in ds:
-            continue
-        n_before = ds["train"].num_rows
-        try:
-            parted = ds["train"].train_test_split(test_size=frac, seed=spec.seed, stratify_by_column=LABEL)
-            how = "stratified"
-        except ValueError:  # a class with a single example cannot be stratified
-            parted = ds["train"].train_test_split(test_size=frac, seed=spec.seed)
-            how = "random (a class was too small to stratify)"
-        ds["train"], ds[split] = parted["train"], parted["test"]
-        notes.append(f"{split}: missing, carved {ds[split].num_rows} of {n_before} train rows ({how}, seed {spec.seed})")
-    ds = DatasetDict({k: ds[k] for k in SPLITS})
-    return LoadedDomain(dataset=ds, label_names=label_names, notes=notes, fingerprint=fp, has_pair=has_pair)
+    return LoadedDomain(dataset=DatasetDict(parts), label_names=label_names, notes=list(notes or []),
+                        fingerprint=fingerprint(frames), has_pair=has_pair)
 
 
 def load_domain(cfg: DomainConfig) -> LoadedDomain:
-    """Read, clean (as configured) and build. Validation is separate: ``l3m.data.validation``."""
-    raw = read_raw(cfg)
-    frames, notes = clean(raw, cfg.cleaning)
-    return build_domain(cfg, frames, notes)
+    """Read, prepare (clean + carve, as configured) and build. Validation is separate: ``l3m.data.validation``."""
+    prepared = prepare(cfg, read_raw(cfg))
+    return build_domain(cfg, prepared.frames, prepared.notes)
 
 
 def encode_kwargs(max_length: int) -> dict[str, object]:

@@ -6,7 +6,7 @@ import html
 import json
 from pathlib import Path
 
-from l3m.data.validation import CheckResult, ValidationReport
+from l3m.data.validation import CheckResult, ValidationReport, short
 
 
 def _cell(text: object, limit: int = 90) -> str:
@@ -15,11 +15,29 @@ def _cell(text: object, limit: int = 90) -> str:
 
 
 def _examples(r: CheckResult) -> str:
-    parts = []
-    for e in r.examples[:3]:
-        prefix = f"row {e['row']}: " if "row" in e else ""
-        parts.append(prefix + _cell(repr(e["value"]), 60))
-    return "; ".join(parts)
+    return "; ".join(short(e, 50) for e in r.examples[:3])
+
+
+LINES_NOTE = ("Rows are named by their 1-based line in the source file, as an editor counts lines (\"line N of "
+              "<file>\"; blank lines counted; a CSV's header is line 1); rows of a carved dev/test split by their "
+              "line in the train file.")
+STATUS = {"standard": "standard split (file unaltered)", "carved": "carved from train",
+          "cleaned": "**cleaned: not the standard split**"}
+
+
+def _row_table(rep: ValidationReport) -> list[str]:
+    out = ["| split | source | rows (raw) | rows (used) | |", "|---|---|---|---|---|"]
+    for s, n in rep.row_counts.items():
+        status = STATUS.get(rep.split_status.get(s, ""), "")
+        out.append(f"| {s} | `{rep.sources.get(s, '')}` | {n['raw']} | {n['used']} | {status} |")
+    return out
+
+
+def _imbalance(rep: ValidationReport) -> list[str]:
+    r = next((r for r in rep.final if r.check == "class_imbalance"), None)
+    if r is None or not r.detail:
+        return []
+    return ["", f"Class balance (train, as used): {r.detail} — {_status(r)}."]
 
 
 def _status(r: CheckResult) -> str:
@@ -46,11 +64,13 @@ def to_markdown(rep: ValidationReport) -> str:
         f"{len(rep.errors)} error(s), {len(rep.warnings)} warning(s) after cleaning; "
         f"validated with Great Expectations in {rep.seconds} s.",
         "",
-        "| split | source | rows (raw) | rows (after cleaning) |",
-        "|---|---|---|---|",
     ]
-    for s, n in rep.row_counts.items():
-        out.append(f"| {s} | `{rep.sources.get(s, '')}` | {n['raw']} | {n['clean']} |")
+    out += _row_table(rep)
+    cleaned = [s for s, st in rep.split_status.items() if st == "cleaned"]
+    if cleaned:
+        out += ["", f"**{' and '.join(cleaned)} cleaned (cleaning.eval_splits): not the standard splits; "
+                "scores on them are not comparable with published ones.**"]
+    out += ["", LINES_NOTE]
     out += ["", "## Problems found in the raw data", ""]
     raw_failed = [r for r in rep.raw if not r.success]
     out += _table(rep.raw, only_failed=True) if raw_failed else ["None."]
@@ -61,7 +81,8 @@ def to_markdown(rep: ValidationReport) -> str:
     out += _table(rep.final, only_failed=True) if failed else ["All checks passed."]
     passed = sorted({r.check for r in rep.final} - {r.check for r in failed})
     out += ["", f"Passed everywhere: {', '.join(passed)}."]
-    out += ["", "## Labels per split (after cleaning)", ""]
+    out += _imbalance(rep)
+    out += ["", "## Labels per split (as used)", ""]
     labels = sorted({lab for c in rep.label_counts.values() for lab in c})
     out.append("| label | " + " | ".join(rep.label_counts) + " |")
     out.append("|---|" + "---|" * len(rep.label_counts))
@@ -85,11 +106,16 @@ def to_html(rep: ValidationReport) -> str:
         rows.append("</table>")
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in rep.cleaning_notes) or "<li>none</li>"
     verdict = "PASSED" if rep.passed else "FAILED"
+    splits = "<table><tr><th>split</th><th>source</th><th>rows (raw)</th><th>rows (used)</th><th></th></tr>" + "".join(
+        f"<tr><td>{s}</td><td>{html.escape(rep.sources.get(s, ''))}</td><td>{n['raw']}</td><td>{n['used']}</td>"
+        f"<td>{STATUS.get(rep.split_status.get(s, ''), '').replace('**', '')}</td></tr>"
+        for s, n in rep.row_counts.items()) + "</table>"
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
              "padding:3px 6px;font-size:13px}tr.error{background:#fdd}tr.warning{background:#ffd}tr.ok{color:#555}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>l3m validation {rep.domain}</title>"
             f"<style>{style}</style></head><body><h1>Data validation: {html.escape(rep.domain)} — {verdict}</h1>"
-            f"<p>{len(rep.errors)} error(s), {len(rep.warnings)} warning(s).</p><h2>Cleaning</h2><ul>{notes}</ul>"
+            f"<p>{len(rep.errors)} error(s), {len(rep.warnings)} warning(s).</p>{splits}"
+            f"<p>{html.escape(LINES_NOTE)}</p><h2>Cleaning</h2><ul>{notes}</ul>"
             + "".join(rows) + "</body></html>")
 
 
