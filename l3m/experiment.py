@@ -116,7 +116,7 @@ def prepare_inputs(cfg: RunConfig, loaded: LoadedDomain | None = None, log: Log 
         log(f"scores: {n} of {loaded.dataset['train'].num_rows} train texts ({cfg.scoring.metric}, {cfg.scoring.mode})")
         inputs.token_logp, inputs.score_key = score_train(cfg, loaded)
     if cfg.training.use_unlabelled:
-        inputs.unlabelled = load_unlabelled(cfg.domain)
+        inputs.unlabelled = loaded.unlabelled if loaded.unlabelled is not None else load_unlabelled(cfg.domain)
         if not inputs.unlabelled:
             raise ValueError(f"{cfg.domain.name}: training.use_unlabelled is set but the domain has no unlabelled corpus")
         if inputs.token_logp is not None:

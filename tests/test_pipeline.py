@@ -38,9 +38,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _run(cfg: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "run", str(cfg)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=600)
+def _run(cfg: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", "run", str(cfg), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def _summary(stdout: str) -> dict:
@@ -55,12 +55,12 @@ def test_killed_run_resumes_without_redoing_validation_scoring_or_finished_runs(
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     # Kill the whole process group as soon as the first training run has finished.
     deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("*/*/seed*/run.json")):
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("runs/*/run.json")):
         time.sleep(0.2)
     assert proc.poll() is None, "the pipeline ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished_before = {p.parent for p in out.glob("*/*/seed*/run.json")}
+    finished_before = {p.parent for p in out.glob("runs/*/run.json")}
     assert finished_before and not (out / "pipeline.json").exists()
     mtimes = {p: (p / "run.json").stat().st_mtime for p in finished_before}
 
@@ -68,18 +68,55 @@ def test_killed_run_resumes_without_redoing_validation_scoring_or_finished_runs(
     assert second.returncode == 0, second.stderr[-3000:]
     s = _summary(second.stdout)
     assert s["validation"]["cached"] is True
-    assert s["scoring"]["texts_scored"] == 0 and s["scoring"]["texts_from_store"] == 90
+    # Only what training reads is scored: the 60 train texts (no dev/test without shift_summary).
+    assert s["scoring"]["texts_scored"] == 0 and s["scoring"]["texts_from_store"] == 60
     assert s["scoring"]["tokens_scored"] == 0
     for p, m in mtimes.items():  # finished runs reused, not retrained
         assert (p / "run.json").stat().st_mtime == m
-    assert len(list(out.glob("*/*/seed*/run.json"))) == 6
-    assert s["registered"]["stage"] == "production" and s["registered"]["tag"].startswith("l3m-toy:")
+    assert len(list(out.glob("runs/*/run.json"))) == 6
+    assert s["registered"]["tag"].startswith("l3m-toy:")
+    assert sum(r["reused"] for r in s["runs"]) == len(finished_before)
     assert Path(s["results"]["md"]).exists() and Path(s["tokenview"]).exists()
     assert json.loads((out / "pipeline.json").read_text())["registered"]["tag"] == s["registered"]["tag"]
 
     # A third run with nothing new: every step reused, and no new registry version.
     third = _summary(_run(cfg, env).stdout)
     assert third["registered"]["tag"] == s["registered"]["tag"]
+    assert all(r["reused"] for r in third["runs"]) and third["results"]["md"] == s["results"]["md"]
+
+    # A changed setting is a new experiment: every run trains anew (none returns the old numbers).
+    fourth = _run(cfg, env, "--set", "training.epochs=3")
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    f = _summary(fourth.stdout)
+    assert not any(r["reused"] for r in f["runs"]) and f["results"]["md"] != s["results"]["md"]
+    assert f["validation"]["cached"] is True and f["scoring"]["texts_scored"] == 0  # same data, same scores
+    assert len(list(out.glob("runs/*/run.json"))) == 12
+    assert "epochs 3" in Path(f["results"]["md"]).read_text()
+
+
+def test_changed_data_revalidates_scores_only_new_texts_and_retrains(tmp_path, toy_domain, tiny_mlm_dir):
+    """What a scheduled (cron) rerun does when the data files changed."""
+    cfg = _write_config(tmp_path, toy_domain, tiny_mlm_dir, seeds=[1])
+    env = _env(tmp_path)
+    first = _run(cfg, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    a = _summary(first.stdout)
+    # dill (datasets' fingerprinting) disassembles functions into a captured stdout; Prefect's
+    # log_prints used to turn that into hundreds of log lines.
+    assert "Disassembly of" not in first.stdout + first.stderr
+    train = Path(toy_domain.root) / "toy" / "train.jsonl"
+    extra = [{"text": f"appended {i} good great fine nice", "label": "pos"} for i in range(6)]
+    with train.open("a", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in extra))
+    second = _run(cfg, env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    b = _summary(second.stdout)
+    assert b["validation"]["cached"] is False and b["validation"]["snapshot"] != a["validation"]["snapshot"]
+    assert b["validation"]["fingerprint"] != a["validation"]["fingerprint"]
+    assert b["scoring"]["texts_scored"] == 6 and b["scoring"]["texts_from_store"] == 60
+    assert not any(r["reused"] for r in b["runs"])
+    assert b["registered"]["tag"] != a["registered"]["tag"]
+    assert b["registered"]["data_fingerprint"] == b["validation"]["fingerprint"]
 
 
 def test_new_domain_is_a_yaml_file_csv_pairs_numeric_labels(tmp_path, tiny_mlm_dir):

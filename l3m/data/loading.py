@@ -69,6 +69,9 @@ class LoadedDomain:
     notes: list[str] = field(default_factory=list)
     fingerprint: str = ""
     has_pair: bool = False
+    # The prepared unlabelled corpus when it came with the data (a snapshot carries it);
+    # None: read it from the domain config (``load_unlabelled``) if a run needs it.
+    unlabelled: list[str] | None = None
 
 
 # --------------------------------------------------------------------------- reading

@@ -58,7 +58,7 @@ def code_digest() -> str:
 
 
 def snapshot_id(cfg: DomainConfig) -> str:
-    files = {split: _digest_file(cfg.resolve(src.path)) for split, src in sorted(cfg.splits.items())}
+    files: dict[str, str] = {split: _digest_file(cfg.resolve(src.path)) for split, src in sorted(cfg.splits.items())}
     if cfg.unlabelled is not None:
         files["unlabelled"] = _digest_file(cfg.resolve(cfg.unlabelled.path))
     blob = {"domain": cfg.model_dump(mode="json"), "files": files, "code": code_digest()}
