@@ -87,6 +87,19 @@ def test_server_worker_deploy_trigger_and_schedule(tmp_path, toy_domain, tiny_ml
         assert "Completed" in run.stdout
         summary = json.loads((tmp_path / "out" / "pipeline.json").read_text())
         assert summary["registered"]["tag"].startswith("l3m-toy:")
+
+        # The next scheduled run after the data changed (same deployment, same parameters, as a
+        # cron run would be): it validates the new data, retrains and registers a new version.
+        with (Path(toy_domain.root) / "toy" / "train.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps({"text": f"new row {i} good great", "label": "pos"}) + "\n" for i in range(6)))
+        again = _prefect(["deployment", "run", "adapt-domain/adapt-on-demand", "--param", f"config={cfg}",
+                          "--watch", "--watch-timeout", "420"], env, timeout=480)
+        assert again.returncode == 0 and "Completed" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+        rerun = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+        assert rerun["validation"]["cached"] is False and not any(r["reused"] for r in rerun["runs"])
+        assert rerun["scoring"]["texts_scored"] == 6
+        assert rerun["registered"]["tag"] != summary["registered"]["tag"]
+        assert rerun["registered"]["data_fingerprint"] == rerun["validation"]["fingerprint"]
     finally:
         for p in (worker, server):
             if p is not None and p.poll() is None:
