@@ -50,7 +50,7 @@ def validation_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Same data bytes + same domain config (cleaning, thresholds) => same validation result."""
     cfg: RunConfig = parameters["cfg"]
     dom = cfg.domain
-    files = {s: _file_digest(dom.resolve(src.path)) for s, src in sorted(dom.splits.items())}
+    files: dict[str, str] = {s: _file_digest(dom.resolve(src.path)) for s, src in sorted(dom.splits.items())}
     if dom.unlabelled is not None:  # the corpus is validated too, so its bytes are an input
         files["unlabelled"] = _file_digest(dom.resolve(dom.unlabelled.path))
     blob = json.dumps({"domain": dom.model_dump(mode="json"), "files": files}, sort_keys=True)
