@@ -93,7 +93,7 @@ def test_null_and_empty_texts_fail_validation_with_rows(toy_domain):
     failed = {(r.split, r.check) for r in rep.errors}
     assert {("train", "text_not_null"), ("train", "text_not_blank"), ("train", "text_is_string")} <= failed
     blank = next(r for r in rep.errors if r.check == "text_not_blank")
-    assert blank.examples[0]["row"] == 21
+    assert blank.examples[0]["line"] == 22  # 1-based file line (no blank lines in this file)
     with pytest.raises(DataError, match="empty or non-string text"):
         load_domain(DomainConfig.model_validate(toy_domain()))
     # Opting into the repair drops them, and the cleaned data passes.

@@ -189,14 +189,10 @@ def _to_result(r: Any, df: pd.DataFrame, src: Source, cfg: DomainConfig, label_s
     if name in ("conflicting_labels", "class_min_examples", "class_imbalance", "row_count", "label_coverage"):
         pass  # examples are built below from the split itself, not from the derived table's rows
     elif idx:
-        for i, val in list(zip(idx, vals, strict=False))[:MAX_EXAMPLES]:
-            i = i[0] if isinstance(i, tuple) else i
-            i = i.get("index", i) if isinstance(i, dict) else i
-            examples.append(example(df, i, src, val))
+        examples = [example(df, i, src, val) for i, val in list(zip(idx, vals, strict=False))[:MAX_EXAMPLES]]
     if name == "train_test_leakage":
-        for e in examples:
-            key = e["value"]
-            e["train_line"] = train_lines.get(key)
+        for e in examples:  # where the leaked example sits in train, so both copies can be found
+            e["train_line"] = train_lines.get(e["value"])
     if name == "label_coverage" and not r.success:
         missing = sorted(set(label_set) - set(df[LABEL].dropna()))
         detail, count = f"labels absent from {src.split}: {missing}", len(missing)

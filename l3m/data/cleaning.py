@@ -187,7 +187,6 @@ def split_status(raw: dict[str, pd.DataFrame], used: dict[str, pd.DataFrame]) ->
         if split not in raw:
             status[split] = "carved"
             continue
-        cols = [c for c in raw[split].columns]
-        same = raw[split][cols].reset_index(drop=True).equals(used[split][cols].reset_index(drop=True))
+        same = raw[split].reset_index(drop=True).equals(used[split][list(raw[split].columns)].reset_index(drop=True))
         status[split] = "standard" if same else "cleaned"
     return status
