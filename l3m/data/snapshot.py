@@ -93,7 +93,7 @@ def write_snapshot(path: Path, cfg: DomainConfig, prepared: PreparedDomain, vali
         manifest = {
             "snapshot_id": path.name, "domain": cfg.name, "fingerprint": loaded.fingerprint,
             "label_names": loaded.label_names, "majority_label": str(train_names.value_counts().idxmax()),
-            "text_pair": loaded.has_pair, "rows": rows,
+            "text_pair": loaded.has_pair, "rows": rows, "split_status": prepared.split_status,
             "unlabelled_rows": None if prepared.unlabelled is None else len(prepared.unlabelled),
             "notes": loaded.notes, "validation": validation, "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
