@@ -27,6 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.common import artifact_key, as_config
 from l3m.config import RunConfig
 from l3m.data.loading import load_domain
+from l3m.modelcheck import check_model
 from l3m.scoring import ScoreStats, ScoreStore, score_texts
 
 _STORES: dict[str, ScoreStore] = {}
@@ -126,6 +127,7 @@ def to_markdown(summary: dict[str, Any], cfg: RunConfig) -> str:
 def score(config: str | Path | RunConfig | dict, overrides: list[str] | None = None) -> dict[str, Any]:
     """Score every split of the config's domain into the store; returns the summary dict."""
     cfg = as_config(config, overrides)
+    check_model(cfg.model)  # a bad model path or hub id fails here, before any data work
     sc, model = cfg.scoring, cfg.model
     settings = {
         "model": model.resolved(), "revision": model.revision, "metric": sc.metric,

@@ -17,6 +17,7 @@ from prefect.cache_policies import NONE
 from flows.common import artifact_key, as_config
 from l3m import experiment
 from l3m.config import RunConfig
+from l3m.modelcheck import check_model
 
 
 @task(name="prepare-scores", cache_policy=NONE)
@@ -57,6 +58,7 @@ def results_task(cfg: RunConfig) -> dict[str, str]:
 def train(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train every (strategy, tuner, seed) of a run config (a YAML path) and tabulate the results."""
     cfg = as_config(Path(config), overrides)
+    check_model(cfg.model)  # a bad model path or hub id fails here, before any data work
     prepared = prepare_task(cfg)
     runs = [train_run_task(cfg, k.strategy, k.tuner, k.seed) for k in experiment.plan(cfg)]
     return {"prepared": prepared, "runs": runs, "results": results_task(cfg)}
