@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _file_digest(location: str) -> str:
     p = Path(location)
-    if not p.exists():  # URLs (and missing files, which validation reports) hash by name
+    if not p.is_file():  # URLs (and missing files or directories, which validation reports) hash by name
         return location
     h = hashlib.sha256()
     with p.open("rb") as fh:
