@@ -190,3 +190,45 @@ def test_filter_drops_tracebacks_of_user_errors_only():
     assert user.exc_info is None and "\n" not in user.getMessage()
     assert user.getMessage().startswith("ConfigError: cfg.yaml: invalid config")
     assert unexpected.exc_info is not None and "RuntimeError('boom')" in unexpected.getMessage()
+
+
+# --------------------------------------------------------------------------- the library checks, in-process
+
+
+def test_csv_decoding_error_names_file_and_line(tmp_path):
+    from l3m.data.loading import DataError, _read_table
+
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"text,label\nfine,a\nbad \xe9 latin-1,b\n")
+    with pytest.raises(DataError, match=rf"{path}: line 3: not valid UTF-8 \(byte 0xe9 at column 5\)"):
+        _read_table(str(path), "csv")
+
+
+def test_unreadable_split_file_gets_its_own_message(tmp_path, monkeypatch):
+    from l3m.data.loading import DataError, _read_table
+
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "x"}])
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    # Tests may run as root, which chmod cannot lock out: simulate the OS refusing the read.
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(DataError, match=rf"{path}: cannot be read \(permission denied\)"):
+        _read_table(str(path), "jsonl")
+
+
+def test_model_check_accepts_a_model_and_rejects_what_is_not_one(tmp_path, shared_model):
+    from l3m.config import ConfigError, ModelSpec
+    from l3m.modelcheck import check_model
+
+    assert check_model(ModelSpec(name_or_path=str(shared_model))) == str(shared_model)
+    with pytest.raises(ConfigError, match=rf"model.name_or_path: {tmp_path} is a directory but not a model"):
+        check_model(ModelSpec(name_or_path=str(tmp_path)))
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    with pytest.raises(ConfigError, match="is a file; give the model's directory"):
+        check_model(ModelSpec(name_or_path=str(tmp_path / "weights.bin")))
+    with pytest.raises(ConfigError, match="model path ./models/nothing-here does not exist"):
+        check_model(ModelSpec(name_or_path="./models/nothing-here"))
+    with pytest.raises(ConfigError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\)"):
+        check_model(ModelSpec(name_or_path="nobody/no-such-model"))
