@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import click
 import typer
 
 import flows  # noqa: F401  (telemetry switches before prefect is imported)
+from flows.common import quiet_user_error_tracebacks
 from l3m.config import ConfigError
 from l3m.data.loading import DataError
 from l3m.data.validation import DataValidationError
@@ -23,11 +26,20 @@ USER_ERRORS = (ConfigError, DataError, DataValidationError)
 
 
 @app.callback()
-def _root() -> None:
+def _root(ctx: typer.Context,
+          debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for user errors too")] = False) -> None:
     """l3m: validate, score, train, register and serve domain-adapted classifiers."""
+    ctx.obj = {"debug": debug}
+    if not debug:
+        # Prefect logs each failed run with its traceback before the message below is printed;
+        # for errors the user fixes in a config or data file that traceback is noise.
+        quiet_user_error_tracebacks(USER_ERRORS)
 
 
 def _fail(e: BaseException) -> NoReturn:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and (ctx.obj or {}).get("debug"):
+        traceback.print_exception(e)
     typer.secho(str(e), fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 

@@ -34,6 +34,7 @@ from flows.register import register_task
 from flows.score import score
 from flows.train import train
 from flows.validate import validate_task
+from l3m.modelcheck import check_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,6 +83,7 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
     log = get_run_logger()
     overrides = overrides or []
     cfg = as_config(Path(config), overrides)
+    check_model(cfg.model)  # a bad model path or hub id fails here, before any data work
     out_dir = cfg.resolved_output_dir()
 
     validation = validate_task(cfg)

@@ -20,6 +20,7 @@ from flows.common import artifact_key, as_config, load_data
 from l3m import experiment
 from l3m.config import RunConfig
 from l3m.identity import RunKey, experiment_dir
+from l3m.modelcheck import check_model
 from l3m.train import RUN_RECORD
 
 
@@ -71,6 +72,7 @@ def train(config: str | Path | RunConfig | dict, overrides: list[str] | None = N
     validate step wrote); without it the domain's data is validated into one first.
     """
     cfg = as_config(config, overrides)
+    check_model(cfg.model)  # a bad model path or hub id fails here, before any data work
     snapshot = snapshot or ensure_snapshot(cfg)
     prepared = prepare_task(cfg, snapshot)
     runs = [train_run_task.with_options(task_run_name=f"train-{k[0]}-{k[1]}-seed{k[2]}")(cfg, snapshot, k)

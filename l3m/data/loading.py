@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
+from datasets import config as datasets_config
 
 from l3m.config import DomainConfig, SplitSource
 from l3m.data.cleaning import StepCount, carve, clean_corpus, clean_splits, drop_leaked, split_status
@@ -77,6 +78,19 @@ class LoadedDomain:
 # --------------------------------------------------------------------------- reading
 
 
+def _first_bad_utf8_line(data: bytes) -> tuple[int, str] | None:
+    """The 1-based line of the first byte that is not UTF-8 (Arrow's reader names neither file nor line)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        return data.count(b"\n", 0, e.start) + 1, (
+            f"not valid UTF-8 (byte 0x{data[e.start]:02x} at column {e.start - line_start + 1}); "
+            "save the file as UTF-8"
+        )
+    return None
+
+
 def _first_bad_json_line(path: str) -> tuple[int, str] | None:
     with open(path, encoding="utf-8", errors="replace") as fh:
         for i, line in enumerate(fh, start=1):
@@ -94,11 +108,23 @@ def _first_bad_json_line(path: str) -> tuple[int, str] | None:
 def _read_table(location: str, fmt: str) -> pd.DataFrame:
     """Read one file through ``datasets.load_dataset`` (local path or URL)."""
     is_url = "://" in location
+    if is_url and datasets_config.HF_HUB_OFFLINE:
+        raise DataError(f"{location}: a URL, but offline mode is on (HF_DATASETS_OFFLINE=1 or HF_HUB_OFFLINE=1); "
+                        "download the file and give its local path, or turn offline mode off")
     if not is_url:
         if not os.path.exists(location):
             raise DataError(f"{location}: file not found")
-        if os.path.getsize(location) == 0:
+        if os.path.isdir(location):
+            raise DataError(f"{location}: is a directory; a split path must name a data file")
+        try:
+            data = Path(location).read_bytes()
+        except PermissionError:
+            raise DataError(f"{location}: cannot be read (permission denied)") from None
+        if not data:
             raise DataError(f"{location}: file is empty")
+        bad_text = _first_bad_utf8_line(data) if fmt != "parquet" else None
+        if bad_text is not None:
+            raise DataError(f"{location}: line {bad_text[0]}: {bad_text[1]}")
     builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}[fmt]
     try:
         ds = load_dataset(builder, data_files=location, split="train")
