@@ -9,6 +9,7 @@ line in the source file (``l3m.data.loading.read_raw``), as the user's editor co
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,9 @@ class Runner:
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
         self.gx = gx
+        # GX logs its ephemeral context's temporary docs site at INFO on every run: noise in
+        # the user's log, nothing to act on.
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
         self.ctx = gx.get_context(mode="ephemeral")
         # One progress bar per expectation suite floods logs (and Prefect's log store).
         self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)

@@ -42,9 +42,12 @@ def _digest_file(location: str) -> str:
         # (reading it fails with its own message right after).
         return "location:" + location
     h = hashlib.sha256()
-    with p.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError:  # unreadable: reading the split next reports it with its own message
+        return "unreadable:" + location
     return h.hexdigest()
 
 
