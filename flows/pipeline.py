@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NONE
 
 from flows.common import artifact_key, as_config
-from flows.register import register_task
+from flows.register import build_bento_task, register_once, registered_lines
 from flows.score import score
 from flows.train import train
 from flows.validate import validate_task
@@ -55,19 +52,10 @@ def validation_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return "validate-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def register_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    meta = Path(parameters["model_dir"]) / "l3m.json"
-    digest = hashlib.sha256(meta.read_bytes()).hexdigest()[:24] if meta.exists() else "missing"
-    return f"register-{digest}-{parameters.get('promote_margin', 0.0)}"
-
-
-# The same task functions as the stand-alone flows, re-wrapped with a cache key and persisted
+# The same task function as the stand-alone flow, re-wrapped with a cache key and persisted
 # results (so a rerun in another process finds them under PREFECT_HOME).
 validate_cached = task(name="validate-domain (cached)", cache_key_fn=validation_cache_key, persist_result=True)(
     validate_task.fn
-)
-register_cached = task(name="register-model (cached)", cache_key_fn=register_cache_key, persist_result=True)(
-    register_task.fn
 )
 
 
@@ -76,24 +64,6 @@ def best_run(runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     if not runs:
         raise RuntimeError("training produced no runs")
     return max(runs, key=lambda r: r["dev"][metric])
-
-
-@task(name="build-bento", cache_policy=NONE, retries=1)
-def build_bento_task(model_tag: str) -> str:
-    """``bentoml build`` of serving/ with the registered model packaged in (works offline)."""
-    import os
-
-    env = {**os.environ, "L3M_MODEL_TAG": model_tag}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "-f", str(ROOT / "serving" / "bentofile.yaml"),
-         "--output", "tag", str(ROOT)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"bentoml build failed:\n{proc.stderr[-3000:]}")
-    tag = proc.stdout.strip().splitlines()[-1].replace("__tag__:", "")
-    get_run_logger().info("built bento %s", tag)
-    return tag
 
 
 @flow(name="adapt-domain")
@@ -114,8 +84,8 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
     chosen = best_run(trained["runs"], cfg.domain.metric)
     log.info("best dev %s: %s/%s seed %s -> %s", cfg.domain.metric, chosen["strategy"], chosen["tuner"],
              chosen["seed"], chosen["model_dir"])
-    registered = register_cached(chosen["model_dir"], cfg.registry.promote_margin)
-    bento = build_bento_task(registered["tag"]) if cfg.registry.build_bento else None
+    registered = register_once(chosen["model_dir"], cfg.registry.promote_margin, snapshot_dir=None)
+    bento = build_bento_task(registered) if cfg.registry.build_bento else {"tag": None, "status": "not built (disabled)"}
 
     summary = {
         "domain": cfg.domain.name,
@@ -129,15 +99,15 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
         "tokenview": trained["prepared"].get("tokenview"),
         "chosen_run": {k: chosen[k] for k in ("strategy", "tuner", "seed", "dev", "test", "model_dir")},
         "registered": registered,
-        "bento": bento,
+        "bento": bento["tag"] or bento["status"],
     }
     (out_dir / "pipeline.json").write_text(json.dumps(summary, indent=2, default=str))
     create_markdown_artifact(
         markdown=(f"# {cfg.domain.name}: registered `{registered['tag']}` as **{registered['stage']}**\n\n"
                   f"- chosen run: {chosen['strategy']} / {chosen['tuner']} / seed {chosen['seed']} "
                   f"(dev {cfg.domain.metric} {chosen['dev'][cfg.domain.metric]:.4f}, "
-                  f"test {chosen['test'][cfg.domain.metric]:.4f})\n- decision: {registered['reason']}\n"
-                  f"- results table: `{trained['results'].get('md')}`\n- bento: {bento or 'not built'}\n"),
+                  f"test {chosen['test'][cfg.domain.metric]:.4f})\n{registered_lines(registered)}"
+                  f"- results table: `{trained['results'].get('md')}`\n- bento: {bento['tag'] or bento['status']}\n"),
         key=artifact_key("pipeline", cfg.domain.name),
         description=f"adapt-domain summary for {cfg.domain.name}",
     )

@@ -45,6 +45,7 @@ __all__ = [
     "load_classifier",
     "model_name",
     "production_tag",
+    "has_model",
     "promote",
     "register",
     "rollback",
@@ -111,6 +112,15 @@ def _get(tag: str) -> Any:
         return bentoml.models.get(tag, _model_store=_store())
     except NotFound as e:
         raise RegistryError(f"no model {tag!r} in the store at {registry_home()}") from e
+
+
+def has_model(tag: str) -> bool:
+    """Whether ``tag`` is (still) in the store."""
+    try:
+        _get(tag)
+    except RegistryError:
+        return False
+    return True
 
 
 def _clean(value: Any) -> Any:
