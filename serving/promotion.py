@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from l3m.evaluate import headline
 from serving.model_io import ModelMeta, RegistryError, load_classifier, predict
 
 
@@ -52,6 +51,10 @@ class Scores:
 
 
 def metric_of(names: list[str], gold: list[str], predicted: list[str], metric: str) -> float:
+    # Imported here: the service imports this module (through the registry) inside a bento,
+    # which ships serving/ only, without l3m and scikit-learn.
+    from l3m.evaluate import headline
+
     ids = {n: i for i, n in enumerate(names)}
     return headline([ids[g] for g in gold], [ids[p] for p in predicted])[metric]
 
