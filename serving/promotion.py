@@ -129,3 +129,37 @@ def compare(scores: Scores, margin: float) -> tuple[bool, str]:
     if new >= old + margin:
         return True, verdict
     return False, f"{verdict}: below the bar"
+
+
+def gather_scores(meta: ModelMeta, src: Path, dev: EvalSet | None,
+                  production: tuple[str, Path, ModelMeta] | None) -> tuple[Scores, str]:
+    """Challenger, baseline and production numbers (+ a note for the reason): both models
+    re-scored on ``dev``; without it the numbers stored in l3m.json, said so in the note.
+    ``production``: (tag, store path, meta) of the domain's current production, if any."""
+    current, path, prod_meta = production if production is not None else (None, None, None)
+    if prod_meta is not None and set(prod_meta.label_names) != set(meta.label_names):
+        raise RegistryError(f"labels of {src} {sorted(meta.label_names)} differ from production {current}'s "
+                            f"{sorted(prod_meta.label_names)}: the models cannot be compared")
+    if dev is None:
+        scores = Scores(meta.metric, meta.dev_score(), stored_baseline(meta), current,
+                        prod_meta.dev_score() if prod_meta else None, meta.data_fingerprint,
+                        prod_meta.data_fingerprint if prod_meta else None, "stored")
+        return scores, "; no dev snapshot given: stored dev scores, best single-class baseline"
+    _, challenger = score_model(src, dev, "the challenger")
+    prod_score = None
+    if path is not None and prod_meta is not None and prod_meta.metric == meta.metric:
+        prod_score = score_model(path, dev, f"production {current}")[1]
+    scores = Scores(meta.metric, challenger, majority_baseline(meta, dev), current, prod_score,
+                    dev.fingerprint, dev.fingerprint, "dev snapshot")
+    return scores, ""
+
+
+def decide(scores: Scores, margin: float, note: str = "") -> tuple[bool, str, str | None]:
+    """(promote?, reason, warning): the baseline first, then production on the same data."""
+    warning = below_baseline_warning(scores)
+    if warning is not None:
+        return False, warning + note, warning
+    ok, reason = compare(scores, margin)
+    if scores.baseline is not None:
+        reason += f"; beats the majority-class baseline {scores.baseline:.4f}"
+    return ok, reason + note, None

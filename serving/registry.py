@@ -26,15 +26,7 @@ from typing import Any
 
 from serving.ledger import add_event, domain_state, locked_ledger, now_iso, read_ledger
 from serving.model_io import ModelDirError, ModelMeta, RegistryError, check_model_dir, load_classifier
-from serving.promotion import (
-    EvalSet,
-    Scores,
-    below_baseline_warning,
-    compare,
-    majority_baseline,
-    score_model,
-    stored_baseline,
-)
+from serving.promotion import EvalSet, Scores, decide, gather_scores, stored_baseline
 
 __all__ = [
     "EvalSet",
@@ -139,48 +131,17 @@ def _metadata(meta: ModelMeta) -> dict[str, Any]:
     return _clean(meta.raw | {"strategy_kind": meta.strategy, "tuner_kind": meta.tuner, "metric": meta.metric})
 
 
-def _production(ledger: dict[str, Any], domain: str) -> tuple[str | None, Any, str]:
-    """(production tag, its store model, a note): a production deleted from the store counts as none."""
-    current = domain_state(ledger, domain)["production"]
-    if current is None:
-        return None, None, ""
-    try:
-        return current, _get(current), ""
-    except RegistryError:
-        return None, None, f"; production {current} is no longer in the store"
-
-
 def _scores(ledger: dict[str, Any], meta: ModelMeta, src: Path, dev: EvalSet | None) -> tuple[Scores, str]:
-    """Challenger, baseline and production numbers (+ a note for the reason): both models
-    re-scored on ``dev``; without it the numbers stored in l3m.json, said so in the note."""
-    current, model, note = _production(ledger, meta.domain)
-    prod_meta = ModelMeta.from_dict(dict(model.info.metadata)) if model is not None else None
-    if prod_meta is not None and set(prod_meta.label_names) != set(meta.label_names):
-        raise RegistryError(f"labels of {src} {sorted(meta.label_names)} differ from production {current}'s "
-                            f"{sorted(prod_meta.label_names)}: the models cannot be compared")
-    if dev is None:
-        scores = Scores(meta.metric, meta.dev_score(), stored_baseline(meta), current,
-                        prod_meta.dev_score() if prod_meta else None, meta.data_fingerprint,
-                        prod_meta.data_fingerprint if prod_meta else None, "stored")
-        return scores, note + "; no dev snapshot given: stored dev scores, best single-class baseline"
-    _, challenger = score_model(src, dev, "the challenger")
-    prod_score = None
-    if prod_meta is not None and prod_meta.metric == meta.metric:
-        prod_score = score_model(model.path, dev, f"production {current}")[1]
-    scores = Scores(meta.metric, challenger, majority_baseline(meta, dev), current, prod_score,
-                    dev.fingerprint, dev.fingerprint, "dev snapshot")
-    return scores, note
-
-
-def _decide(scores: Scores, margin: float, note: str = "") -> tuple[bool, str, str | None]:
-    """(promote?, reason, warning): the baseline first, then production on the same data."""
-    warning = below_baseline_warning(scores)
-    if warning is not None:
-        return False, warning + note, warning
-    ok, reason = compare(scores, margin)
-    if scores.baseline is not None:
-        reason += f"; beats the majority-class baseline {scores.baseline:.4f}"
-    return ok, reason + note, None
+    """``gather_scores`` against the domain's production; one deleted from the store counts as none."""
+    current = domain_state(ledger, meta.domain)["production"]
+    if current is None:
+        return gather_scores(meta, src, dev, None)
+    try:
+        model = _get(current)
+    except RegistryError:
+        scores, note = gather_scores(meta, src, dev, None)
+        return scores, f"{note}; production {current} is no longer in the store"
+    return gather_scores(meta, src, dev, (current, Path(model.path), ModelMeta.from_dict(dict(model.info.metadata))))
 
 
 def _make_production(ledger: dict[str, Any], tag: str, domain: str, reason: str) -> str | None:
@@ -212,7 +173,7 @@ def register(
     # and being compared with (a concurrent registration waits for this one).
     with locked_ledger(registry_home()) as ledger:
         scores, note = _scores(ledger, meta, src, dev)
-        promoted, reason, warning = _decide(scores, promote_margin, note)
+        promoted, reason, warning = decide(scores, promote_margin, note)
         stage = PRODUCTION if promoted else CANDIDATE
         labels = {"domain": meta.domain, "strategy": meta.strategy, "tuner": meta.tuner, "stage": stage}
         with bentoml.models.create(
@@ -256,7 +217,7 @@ def promote(tag: str, force: bool = False, *, margin: float = 0.0) -> RegisterRe
         scores = Scores(meta.metric, entry.get("dev_score"), entry.get("baseline"), current,
                         cur.get("dev_score") if cur.get("metric") == meta.metric else None,
                         entry.get("data_fingerprint"), cur.get("data_fingerprint"), entry.get("evaluated_on", "stored"))
-        ok, reason, warning = _decide(scores, margin)
+        ok, reason, warning = decide(scores, margin)
         if not ok and force:
             ok, reason = True, f"forced: {reason}"
         if not ok:
