@@ -169,3 +169,27 @@ def test_cached_results_are_json_not_pickle(prefect_harness, tmp_path, tiny_dir,
     record = json.loads(next(iter(stored)).read_text())
     assert record["metadata"]["serializer"]["type"] == "json"
     assert json.loads(record["result"])["tag"] == res["tag"]
+
+
+def test_rerun_with_nothing_changed_adds_no_version_and_no_bento(prefect_harness, tmp_path, tiny_dir, monkeypatch):
+    from prefect import flow
+
+    from flows.register import build_bento_task, register_once
+    from serving import registry
+
+    home = tmp_path / "bentoml"
+    for k, v in {"BENTOML_HOME": str(home), "PIP_NO_INDEX": "1", "UV_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    model = copy_with_dev(tiny_dir, tmp_path / "m", 0.5)
+
+    @flow
+    def register_and_package() -> tuple[dict, dict]:
+        registered = register_once(str(model), 0.0, None)  # the pipeline's two lines
+        return registered, build_bento_task(registered)
+
+    registered, bento = register_and_package()
+    assert registered["stage"] == "production" and bento == {"tag": registered["tag"], "status": "built"}
+    again, bento_again = register_and_package()
+    assert again == registered and bento_again["status"] == "exists (nothing changed)"
+    assert len(registry.list_models()) == 1
+    assert [p.parent.parent.name for p in (home / "bentos").glob("*/*/bento.yaml")] == ["l3m-citation_intent"]
