@@ -193,3 +193,19 @@ def test_rerun_with_nothing_changed_adds_no_version_and_no_bento(prefect_harness
     assert again == registered and bento_again["status"] == "exists (nothing changed)"
     assert len(registry.list_models()) == 1
     assert [p.parent.parent.name for p in (home / "bentos").glob("*/*/bento.yaml")] == ["l3m-citation_intent"]
+
+
+def test_cli_register_with_a_bad_snapshot_exits_2_naming_the_file(tmp_path, tiny_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    snap = write_snapshot(tmp_path / "snap")
+    (snap / "dev.parquet").unlink()
+    res = CliRunner().invoke(app, ["models", "register", str(tiny_dir), "--snapshot", str(snap)])
+    assert res.exit_code == 2 and "dev.parquet: missing" in res.output and "Traceback" not in res.output
+    ok = CliRunner().invoke(app, ["models", "register", str(tiny_dir), "--snapshot", str(write_snapshot(snap))])
+    assert ok.exit_code == 0, ok.output
+    out = json.loads(ok.stdout[ok.stdout.index("{"):])  # stdout: transformers' progress bars go to stderr
+    assert out["evaluated_on"] == "dev snapshot" and out["data_fingerprint"] == "snap-1"
