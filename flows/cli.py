@@ -130,18 +130,50 @@ def models_show(tag: str) -> None:
 
 
 @models.command("register")
-def models_register(model_dir: Path, margin: Annotated[float, typer.Option(help="promotion margin")] = 0.0) -> None:
-    """Register a trained model directory; promote it if its dev metric is good enough."""
+def models_register(
+    model_dir: Path,
+    margin: Annotated[float, typer.Option(help="promotion margin")] = 0.0,
+    snapshot: Annotated[Path | None, typer.Option(help="validated data snapshot: score both models on its dev split")]
+    = None,
+) -> None:
+    """Register a trained model directory; promote it if it beats the majority baseline and production."""
     try:
-        _echo(_registry().register(model_dir, promote_margin=margin).to_dict())
+        from flows.register import eval_set_from_snapshot
+
+        dev = eval_set_from_snapshot(snapshot) if snapshot else None
+        _echo(_registry().register(model_dir, promote_margin=margin, dev=dev).to_dict())
     except _registry().RegistryError as e:
         _fail(e)
+
+
+@models.command("build")
+def models_build(tag: Annotated[str | None, typer.Argument(help="default: the domain's production version")] = None,
+                 domain: Annotated[str, typer.Option(help="domain whose production to build")] = "citation_intent"
+                 ) -> None:
+    """Package a production version as bento l3m-<domain>:<version> (nothing to do if it exists)."""
+    reg = _registry()
+    try:
+        if tag is None:
+            tag = reg.production_tag(domain)
+            if tag is None:
+                raise reg.RegistryError(f"domain {domain!r} has no production model to build")
+        info = reg.show(tag)
+        if info["stage"] != "production":
+            raise reg.RegistryError(f"{info['tag']} is {info['stage']}, not production: only production is "
+                                    "packaged (`l3m models promote` it first)")
+        from flows.register import build_bento
+
+        bento, built = build_bento(info["tag"])
+    except (reg.RegistryError, RuntimeError) as e:
+        _fail(e)
+    _echo({"bento": bento, "built": built})
 
 
 @models.command("promote")
 def models_promote(tag: str, force: Annotated[bool, typer.Option(help="skip the metric rule")] = False,
                    margin: float = 0.0) -> None:
-    """Make a version production if its dev metric is at least production's (+ margin), or --force."""
+    """Make a version production if it beats the majority baseline and production's dev metric on the
+    same data (+ margin), or --force."""
     try:
         _echo(_registry().promote(tag, force=force, margin=margin).to_dict())
     except _registry().RegistryError as e:

@@ -11,45 +11,28 @@ run's model directory. Every step is therefore resumable and honest about reuse:
 * each planned run writes ``run.json`` when finished and checkpoints while it trains, in a
   directory named by its identity: a rerun reuses or resumes exactly the runs whose settings,
   data and scores are unchanged, and trains the others;
-* registration is cached on the chosen model directory, so a rerun does not add a version.
+* registration is cached on the chosen model's l3m.json, the margin, the store and the dev
+  snapshot (``flows.register``), so a rerun does not add a version; only a production model
+  is packaged, once per model version.
 
 The steps are the same flows/tasks users run alone (``l3m validate|score|train``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NONE
 
 from flows.common import artifact_key, as_config
-from flows.register import register_task
+from flows.register import build_bento_task, register_once, registered_lines
 from flows.score import score
 from flows.train import train
 from flows.validate import validate_task
 from l3m.modelcheck import check_model
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def register_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    meta = Path(parameters["model_dir"]) / "l3m.json"
-    digest = hashlib.sha256(meta.read_bytes()).hexdigest()[:24] if meta.exists() else "missing"
-    return f"register-{digest}-{parameters.get('promote_margin', 0.0)}"
-
-
-# The same task function as the stand-alone flow, re-wrapped with a cache key and persisted
-# results (so a rerun in another process finds them under PREFECT_HOME).
-register_cached = task(name="register-model (cached)", cache_key_fn=register_cache_key, persist_result=True)(
-    register_task.fn
-)
 
 
 def best_run(runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
@@ -57,24 +40,6 @@ def best_run(runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     if not runs:
         raise RuntimeError("training produced no runs")
     return max(runs, key=lambda r: r["dev"][metric])
-
-
-@task(name="build-bento", cache_policy=NONE, retries=1)
-def build_bento_task(model_tag: str) -> str:
-    """``bentoml build`` of serving/ with the registered model packaged in (works offline)."""
-    import os
-
-    env = {**os.environ, "L3M_MODEL_TAG": model_tag}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "-f", str(ROOT / "serving" / "bentofile.yaml"),
-         "--output", "tag", str(ROOT)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"bentoml build failed:\n{proc.stderr[-3000:]}")
-    tag = proc.stdout.strip().splitlines()[-1].replace("__tag__:", "")
-    get_run_logger().info("built bento %s", tag)
-    return tag
 
 
 @flow(name="adapt-domain")
@@ -96,12 +61,15 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
     chosen = best_run(trained["runs"], cfg.domain.metric)
     log.info("best dev %s: %s/%s seed %s -> %s", cfg.domain.metric, chosen["strategy"], chosen["tuner"],
              chosen["seed"], chosen["model_dir"])
-    registered = register_cached(chosen["model_dir"], cfg.registry.promote_margin)
-    bento = build_bento_task(registered["tag"]) if cfg.registry.build_bento else None
+    registered = register_once(chosen["model_dir"], cfg.registry.promote_margin, snapshot_dir=snapshot)
+    bento = build_bento_task(registered) if cfg.registry.build_bento else {"tag": None, "status": "not built (disabled)"}
 
+    experiment = json.loads(Path(trained["results"]["json"]).read_text())
     summary = {
         "domain": cfg.domain.name,
         "output_dir": str(out_dir),
+        "settings": experiment["settings"],
+        "majority_baseline": experiment["baseline"],
         "validation": validation,
         "scoring": {"scorer_key": scoring["scorer_key"], "store": scoring["store"],
                     "tokens_scored": scoring["tokens_scored"],
@@ -113,15 +81,15 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
         "tokenview": trained["prepared"].get("tokenview"),
         "chosen_run": {k: chosen[k] for k in ("strategy", "tuner", "seed", "dev", "test", "model_dir")},
         "registered": registered,
-        "bento": bento,
+        "bento": bento["tag"] or bento["status"],
     }
     (out_dir / "pipeline.json").write_text(json.dumps(summary, indent=2, default=str))
     create_markdown_artifact(
         markdown=(f"# {cfg.domain.name}: registered `{registered['tag']}` as **{registered['stage']}**\n\n"
                   f"- chosen run: {chosen['strategy']} / {chosen['tuner']} / seed {chosen['seed']} "
                   f"(dev {cfg.domain.metric} {chosen['dev'][cfg.domain.metric]:.4f}, "
-                  f"test {chosen['test'][cfg.domain.metric]:.4f})\n- decision: {registered['reason']}\n"
-                  f"- results table: `{trained['results'].get('md')}`\n- bento: {bento or 'not built'}\n"),
+                  f"test {chosen['test'][cfg.domain.metric]:.4f})\n{registered_lines(registered)}"
+                  f"- results table: `{trained['results'].get('md')}`\n- bento: {bento['tag'] or bento['status']}\n"),
         key=artifact_key("pipeline", cfg.domain.name),
         description=f"adapt-domain summary for {cfg.domain.name}",
     )

@@ -1,44 +1,218 @@
 """Prefect flow ``register``: put a trained model directory into the registry, apply promotion.
 
 A thin shell over ``serving.registry`` (the registry lives under serving/ because the l3m
-library never imports bentoml). The task returns the small ``RegisterResult`` dict and a
-Markdown artifact records the decision, so a refused promotion is visible in the Prefect UI.
+library never imports bentoml). The task scores the challenger and the current production on
+the validated data snapshot's dev split (``snapshot_dir``), returns the small
+``RegisterResult`` dict, logs the decision and publishes it as a Markdown artifact, so a
+refused or held-back promotion is visible in the Prefect UI.
+
+Also here, for the pipeline: the registration cache (:func:`register_once`) and the bento
+build (:func:`build_bento_task`, production models only, one bento per model version).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from flows.common import artifact_key
 from serving import registry
+from serving.registry import EvalSet, RegistryError
+
+ROOT = Path(__file__).resolve().parent.parent
+BENTOFILE = ROOT / "serving" / "bentofile.yaml"
+MANIFEST_KEYS = ("fingerprint", "label_names", "majority_label", "text_pair")
+# The code a registration's outcome depends on: a change to any of them re-registers.
+REGISTER_CODE = ("serving/registry.py", "serving/promotion.py", "serving/model_io.py", "serving/ledger.py",
+                 "flows/register.py")
+
+
+def read_manifest(snapshot_dir: str | Path) -> dict[str, Any]:
+    path = Path(snapshot_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise RegistryError(f"{path}: missing; not a validated data snapshot") from e
+    except json.JSONDecodeError as e:
+        raise RegistryError(f"{path}: not valid JSON: {e}") from e
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise RegistryError(f"{path}: lacks {missing}")
+    return dict(manifest)
+
+
+def eval_set_from_snapshot(snapshot_dir: str | Path) -> EvalSet:
+    """The dev split of a validated data snapshot (``dev.parquet`` + ``manifest.json``)."""
+    import pandas as pd
+
+    manifest = read_manifest(snapshot_dir)
+    path = Path(snapshot_dir) / "dev.parquet"
+    if not path.is_file():
+        raise RegistryError(f"{path}: missing; the snapshot has no dev split")
+    frame = pd.read_parquet(path)
+    needed = ["text", "label_name"] + (["text_pair"] if manifest["text_pair"] else [])
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise RegistryError(f"{path}: lacks column(s) {missing} (has {list(frame.columns)})")
+    return EvalSet(
+        texts=[str(t) for t in frame["text"]],
+        pairs=[str(t) for t in frame["text_pair"]] if manifest["text_pair"] else None,
+        gold=[str(t) for t in frame["label_name"]],
+        fingerprint=str(manifest["fingerprint"]),
+        majority_label=str(manifest["majority_label"]),
+        label_names=[str(n) for n in manifest["label_names"]],
+    )
+
+
+def registered_lines(res: dict[str, Any]) -> str:
+    """Markdown bullets of a registration decision (RegisterResult dict): warning, stage, reason,
+    baseline, both dev scores and the data they were measured on."""
+
+    def num(x: float | None) -> str:
+        return "—" if x is None else f"{x:.4f}"
+
+    warning = f"> **Warning:** {res['warning']}\n\n" if res.get("warning") else ""
+    return (
+        f"{warning}- stage: `{res['stage']}`; decision: {res['reason']}\n"
+        f"- dev {res['metric']} ({res.get('evaluated_on', 'stored')}): {num(res['dev_score'])}; "
+        f"majority-class baseline: {num(res.get('baseline'))}; "
+        f"production {res.get('compared_with') or '—'}: {num(res.get('production_dev_score'))}\n"
+        f"- dev data fingerprint: {res.get('data_fingerprint') or '—'}; "
+        f"previous production: {res['previous_production'] or '—'}\n"
+    )
 
 
 @task(name="register-model", cache_policy=NONE)
-def register_task(model_dir: str, promote_margin: float = 0.0) -> dict[str, Any]:
-    res = registry.register(Path(model_dir), promote_margin=promote_margin)
+def register_task(model_dir: str, promote_margin: float = 0.0, snapshot_dir: str | None = None) -> dict[str, Any]:
+    dev = eval_set_from_snapshot(snapshot_dir) if snapshot_dir else None
+    res = registry.register(Path(model_dir), promote_margin=promote_margin, dev=dev)
     log = get_run_logger()
     log.info("registered %s as %s: %s", res.tag, res.stage, res.reason)
-    create_markdown_artifact(
-        markdown=(
-            f"**{res.tag}** → `{res.stage}`\n\n- {res.metric} (dev): {res.dev_score}\n- decision: {res.reason}\n"
-            f"- previous production: {res.previous_production or '—'}\n- from: `{model_dir}`\n"
-        ),
-        key=artifact_key("registry", res.domain),
-        description=f"Model registry decision for {res.domain}",
-    )
+    if res.warning:
+        log.warning("%s: %s", res.tag, res.warning)
+    markdown = f"**{res.tag}** → `{res.stage}`\n\n{registered_lines(res.to_dict())}- from: `{model_dir}`\n"
+    create_markdown_artifact(markdown=markdown, key=artifact_key("registry", res.domain),
+                             description=f"Model registry decision for {res.domain}")
     return res.to_dict()
 
 
 @flow(name="register", log_prints=True)
-def register(model_dir: str, promote_margin: float = 0.0) -> dict[str, Any]:
+def register(model_dir: str, promote_margin: float = 0.0, snapshot_dir: str | None = None) -> dict[str, Any]:
     """Register ``model_dir`` (a trained model directory) as ``l3m-<domain>`` and maybe promote it.
 
     ``promote_margin`` is the config's ``registry.promote_margin``: how much the dev metric must
-    exceed the current production's for the new version to replace it.
+    exceed the current production's for the new version to replace it. ``snapshot_dir``: a
+    validated data snapshot whose dev split both models are scored on (without it, the stored
+    dev numbers are compared).
     """
-    return register_task(model_dir, promote_margin)
+    return register_task(model_dir, promote_margin, snapshot_dir)
+
+
+# ----------------------------------------------------------------- pipeline: cached registration
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:24]
+
+
+def register_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Everything a registration depends on: the model's l3m.json bytes, the margin, the store
+    (BENTOML_HOME), the dev snapshot's fingerprint and the registration code."""
+    meta = Path(parameters["model_dir"]) / "l3m.json"
+    snapshot = parameters.get("snapshot_dir")
+    parts = {
+        "l3m.json": _sha(meta.read_bytes()) if meta.exists() else "missing",
+        "margin": float(parameters.get("promote_margin", 0.0)),
+        "store": str(registry.registry_home().resolve()),
+        "dev": read_manifest(snapshot)["fingerprint"] if snapshot else None,
+        "code": _sha(b"".join((ROOT / f).read_bytes() for f in REGISTER_CODE)),
+    }
+    return "register-" + _sha(json.dumps(parts, sort_keys=True).encode())
+
+
+# Results persist as JSON (a plain dict), not pickle: readable, and loading it runs no code.
+register_cached = task(name="register-model (cached)", cache_key_fn=register_cache_key, persist_result=True,
+                       result_serializer="json")(register_task.fn)
+
+
+def register_once(model_dir: str, promote_margin: float, snapshot_dir: str | None) -> dict[str, Any]:
+    """``register_cached``, re-run (cache refreshed) when the tag it cached was deleted from the store."""
+    from prefect.results import get_result_store
+
+    params = {"model_dir": model_dir, "promote_margin": promote_margin, "snapshot_dir": snapshot_dir}
+    key = register_cache_key(None, params)
+    store: Any = get_result_store().update_for_task(register_cached)  # sync call in a sync flow
+    stale = store.exists(key) and not registry.has_model(store.read(key).result["tag"])
+    if stale:
+        get_run_logger().info("cached registration's model is gone from the store: registering again")
+    return register_cached.with_options(refresh_cache=stale)(model_dir, promote_margin, snapshot_dir)
+
+
+# ----------------------------------------------------------------- pipeline: the bento
+
+
+def bento_exists(tag: str) -> bool:
+    from bentoml._internal.bento import BentoStore
+    from bentoml.exceptions import NotFound
+
+    try:
+        BentoStore(str(registry.registry_home() / "bentos")).get(tag)
+    except NotFound:
+        return False
+    return True
+
+
+def _bentofile_for(model_tag: str, out_dir: Path) -> Path:
+    """serving/bentofile.yaml named for the model's domain, recording the packaged tag in the
+    bento's envs: inside a bento there is no ledger, and the service serves exactly this tag."""
+    spec = yaml.safe_load(BENTOFILE.read_text(encoding="utf-8"))
+    spec["name"] = model_tag.split(":")[0]
+    spec["envs"] = [e for e in spec.get("envs", []) if e["name"] != "L3M_MODEL_TAG"]
+    spec["envs"].append({"name": "L3M_MODEL_TAG", "value": model_tag})
+    path = out_dir / "bentofile.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def build_bento(model_tag: str) -> tuple[str, bool]:
+    """(bento tag, built now?): bento ``l3m-<domain>:<model version>`` packaging ``model_tag``;
+    nothing is built when that bento already exists."""
+    tag = model_tag  # same name and version as the model: one bento per model version
+    if bento_exists(tag):
+        return tag, False
+    with tempfile.TemporaryDirectory(prefix="l3m-bentofile-") as tmp:
+        bentofile = _bentofile_for(model_tag, Path(tmp))
+        # A subprocess: the service resolves its model at import, and an imported module
+        # (with the previous tag) would be reused by a second build in this process.
+        proc = subprocess.run(
+            [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "--version", tag.split(":")[1],
+             "--output", "tag", str(ROOT)],
+            capture_output=True, text=True, env={**os.environ, "L3M_MODEL_TAG": model_tag}, cwd=ROOT, timeout=900,
+        )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"bentoml build failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout.strip().splitlines()[-1].replace("__tag__:", ""), True
+
+
+@task(name="build-bento", cache_policy=NONE, retries=1)
+def build_bento_task(registered: dict[str, Any]) -> dict[str, Any]:
+    """The domain's production model as a bento; a candidate that was not promoted is not packaged."""
+    if registered["stage"] != registry.PRODUCTION:
+        return {"tag": None, "status": f"not built ({registered['stage']})"}
+    production = registry.production_tag(registered["domain"])
+    if production is None:
+        raise RegistryError(f"domain {registered['domain']!r} has no production model to package")
+    tag, built = build_bento(production)
+    get_run_logger().info("%s bento %s", "built" if built else "reused existing", tag)
+    return {"tag": tag, "status": "built" if built else "exists (nothing changed)"}

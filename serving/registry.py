@@ -6,9 +6,11 @@ changed after saving, so the ``stage`` label is the stage decided at registratio
 current stage and the promotion history are kept in the ledger (``serving.ledger``) and that
 is what :func:`list_models`, :func:`show` and :func:`production_tag` report.
 
-Promotion rule: a version becomes ``production`` for its domain only if its dev metric is at
-least the current production's plus a margin; otherwise it stays ``candidate`` and the reason
-is recorded. :func:`rollback` restores the previous production version.
+Promotion rule (``serving.promotion``): a version becomes ``production`` for its domain only if
+it beats the majority-class baseline and its dev metric is at least the current production's
+plus a margin, both measured on the same dev data (the snapshot given to :func:`register`, on
+which production is re-scored); otherwise it stays ``candidate`` and the reason (and for a
+degenerate model, a warning) is recorded. :func:`rollback` restores the previous production.
 
 ``BENTOML_HOME`` selects the store; it is re-read on every call (not cached the way BentoML's
 own container caches it) so the CLI, flows and tests can point at different stores.
@@ -24,8 +26,10 @@ from typing import Any
 
 from serving.ledger import add_event, domain_state, locked_ledger, now_iso, read_ledger
 from serving.model_io import ModelDirError, ModelMeta, RegistryError, check_model_dir, load_classifier
+from serving.promotion import EvalSet, Scores, decide, gather_scores, stored_baseline
 
 __all__ = [
+    "EvalSet",
     "ModelDirError",
     "RegisterResult",
     "RegistryError",
@@ -33,6 +37,7 @@ __all__ = [
     "load_classifier",
     "model_name",
     "production_tag",
+    "has_model",
     "promote",
     "register",
     "rollback",
@@ -47,7 +52,12 @@ ARCHIVED = "archived"  # was production, superseded by a newer promotion
 
 @dataclass(frozen=True)
 class RegisterResult:
-    """Outcome of register / promote / rollback: where ``tag`` stands now and why."""
+    """Outcome of register / promote / rollback: where ``tag`` stands now and why.
+
+    ``dev_score`` and ``production_dev_score`` were measured on the same data (``data_fingerprint``)
+    when ``evaluated_on`` is "dev snapshot"; ``baseline`` is the majority-class bar the model had
+    to beat, ``warning`` says why a model was held back as degenerate.
+    """
 
     tag: str
     domain: str
@@ -57,6 +67,12 @@ class RegisterResult:
     metric: str
     dev_score: float | None
     previous_production: str | None
+    baseline: float | None = None
+    compared_with: str | None = None
+    production_dev_score: float | None = None
+    data_fingerprint: str | None = None
+    evaluated_on: str = "stored"
+    warning: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +106,15 @@ def _get(tag: str) -> Any:
         raise RegistryError(f"no model {tag!r} in the store at {registry_home()}") from e
 
 
+def has_model(tag: str) -> bool:
+    """Whether ``tag`` is (still) in the store."""
+    try:
+        _get(tag)
+    except RegistryError:
+        return False
+    return True
+
+
 def _clean(value: Any) -> Any:
     # BentoML metadata accepts only basic types and no None: drop None-valued keys (readers
     # use .get(), so an absent key reads back as None).
@@ -106,22 +131,17 @@ def _metadata(meta: ModelMeta) -> dict[str, Any]:
     return _clean(meta.raw | {"strategy_kind": meta.strategy, "tuner_kind": meta.tuner, "metric": meta.metric})
 
 
-def _decide(ledger: dict[str, Any], meta: ModelMeta, margin: float) -> tuple[bool, str]:
-    """Whether a model with ``meta`` beats the domain's production by ``margin``, and why."""
+def _scores(ledger: dict[str, Any], meta: ModelMeta, src: Path, dev: EvalSet | None) -> tuple[Scores, str]:
+    """``gather_scores`` against the domain's production; one deleted from the store counts as none."""
     current = domain_state(ledger, meta.domain)["production"]
-    new = meta.dev_score()
     if current is None:
-        return True, "first model of the domain"
-    cur = ledger["models"].get(current, {})
-    if cur.get("metric") != meta.metric:
-        return False, f"metric differs from production {current} ({cur.get('metric')} vs {meta.metric})"
-    old = cur.get("dev_score")
-    if new is None or old is None:
-        return False, "dev metric missing"
-    verdict = f"dev {meta.metric} {new:.4f} vs production {current} {old:.4f} + margin {margin:g}"
-    if new >= old + margin:
-        return True, verdict
-    return False, f"{verdict}: below the bar"
+        return gather_scores(meta, src, dev, None)
+    try:
+        model = _get(current)
+    except RegistryError:
+        scores, note = gather_scores(meta, src, dev, None)
+        return scores, f"{note}; production {current} is no longer in the store"
+    return gather_scores(meta, src, dev, (current, Path(model.path), ModelMeta.from_dict(dict(model.info.metadata))))
 
 
 def _make_production(ledger: dict[str, Any], tag: str, domain: str, reason: str) -> str | None:
@@ -136,14 +156,24 @@ def _make_production(ledger: dict[str, Any], tag: str, domain: str, reason: str)
     return previous
 
 
-def register(model_dir: str | os.PathLike[str], *, promote_margin: float = 0.0) -> RegisterResult:
-    """Copy a trained model directory into the store and apply the promotion rule."""
+def register(
+    model_dir: str | os.PathLike[str], *, promote_margin: float = 0.0, dev: EvalSet | None = None
+) -> RegisterResult:
+    """Copy a trained model directory into the store and apply the promotion rule.
+
+    With ``dev`` (the current dev snapshot) the challenger and the current production model are
+    both scored on it; without it (a manual ``l3m models register DIR``) their stored dev numbers
+    are compared, and only when they come from the same data fingerprint.
+    """
     import bentoml
 
     meta = check_model_dir(model_dir)
     src = Path(model_dir)
+    # Scoring happens under the ledger lock so production cannot change between being scored
+    # and being compared with (a concurrent registration waits for this one).
     with locked_ledger(registry_home()) as ledger:
-        promoted, reason = _decide(ledger, meta, promote_margin)
+        scores, note = _scores(ledger, meta, src, dev)
+        promoted, reason, warning = decide(scores, promote_margin, note)
         stage = PRODUCTION if promoted else CANDIDATE
         labels = {"domain": meta.domain, "strategy": meta.strategy, "tuner": meta.tuner, "stage": stage}
         with bentoml.models.create(
@@ -157,20 +187,21 @@ def register(model_dir: str | os.PathLike[str], *, promote_margin: float = 0.0) 
                     shutil.copy2(item, dest)
         tag = str(bento_model.tag)
         ledger["models"][tag] = {
-            "domain": meta.domain,
-            "stage": CANDIDATE,
-            "reason": reason,
-            "metric": meta.metric,
-            "dev_score": meta.dev_score(),
-            "registered_at": now_iso(),
+            "domain": meta.domain, "stage": CANDIDATE, "reason": reason, "metric": meta.metric,
+            "dev_score": scores.challenger, "baseline": scores.baseline, "warning": warning,
+            "compared_with": scores.production, "production_dev_score": scores.production_score,
+            "data_fingerprint": scores.fingerprint, "evaluated_on": scores.source, "registered_at": now_iso(),
         }
         previous = _make_production(ledger, tag, meta.domain, reason) if promoted else None
         add_event(ledger, "register" if not promoted else "register+promote", tag, meta.domain, reason)
-    return RegisterResult(tag, meta.domain, stage, promoted, reason, meta.metric, meta.dev_score(), previous)
+    return RegisterResult(tag, meta.domain, stage, promoted, reason, meta.metric, scores.challenger, previous,
+                          scores.baseline, scores.production, scores.production_score, scores.fingerprint,
+                          scores.source, warning)
 
 
 def promote(tag: str, force: bool = False, *, margin: float = 0.0) -> RegisterResult:
-    """Make ``tag`` production; refused (not raised) if it is worse than production, unless forced."""
+    """Make ``tag`` production; refused (not raised) if it is degenerate or worse than
+    production on the same data, unless forced."""
     model = _get(tag)
     tag = str(model.tag)
     meta = ModelMeta.from_dict(dict(model.info.metadata))
@@ -179,18 +210,27 @@ def promote(tag: str, force: bool = False, *, margin: float = 0.0) -> RegisterRe
         current = domain_state(ledger, meta.domain)["production"]
         if current == tag:
             return RegisterResult(tag, meta.domain, PRODUCTION, False, "already production", meta.metric,
-                                  meta.dev_score(), current)
-        ok, reason = _decide(ledger, meta, margin)
+                                  entry.get("dev_score"), current)
+        # Each version's ledger numbers were measured at its registration; comparable only
+        # when measured on the same data (compare() checks the fingerprints).
+        cur = ledger["models"].get(current, {}) if current else {}
+        scores = Scores(meta.metric, entry.get("dev_score"), entry.get("baseline"), current,
+                        cur.get("dev_score") if cur.get("metric") == meta.metric else None,
+                        entry.get("data_fingerprint"), cur.get("data_fingerprint"), entry.get("evaluated_on", "stored"))
+        ok, reason, warning = decide(scores, margin)
         if not ok and force:
             ok, reason = True, f"forced: {reason}"
         if not ok:
             entry["reason"] = reason
             add_event(ledger, "promote-refused", tag, meta.domain, reason)
             return RegisterResult(tag, meta.domain, entry["stage"], False, reason, meta.metric,
-                                  meta.dev_score(), current)
+                                  scores.challenger, current, scores.baseline, current, scores.production_score,
+                                  scores.fingerprint, scores.source, warning)
         previous = _make_production(ledger, tag, meta.domain, reason)
         add_event(ledger, "promote", tag, meta.domain, reason)
-    return RegisterResult(tag, meta.domain, PRODUCTION, True, reason, meta.metric, meta.dev_score(), previous)
+    return RegisterResult(tag, meta.domain, PRODUCTION, True, reason, meta.metric, scores.challenger, previous,
+                          scores.baseline, current, scores.production_score, scores.fingerprint, scores.source,
+                          warning)
 
 
 def rollback(domain: str) -> RegisterResult:
@@ -227,7 +267,8 @@ def production_tag(domain: str) -> str | None:
 def _entry_from_store(model: Any, meta: ModelMeta) -> dict[str, Any]:
     # A model saved into the store by other means than register(): it starts as a candidate.
     return {"domain": meta.domain, "stage": CANDIDATE, "reason": "not registered through l3m",
-            "metric": meta.metric, "dev_score": meta.dev_score(),
+            "metric": meta.metric, "dev_score": meta.dev_score(), "baseline": stored_baseline(meta),
+            "data_fingerprint": meta.data_fingerprint, "evaluated_on": "stored",
             "registered_at": model.info.creation_time.isoformat(timespec="seconds")}
 
 

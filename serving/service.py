@@ -2,10 +2,11 @@
 
     bentoml serve serving.service:L3MClassifier --host 127.0.0.1 --port 3000
 
-Which model: ``L3M_MODEL_TAG`` (e.g. ``l3m-citation_intent:abc``), else the production
-version of ``L3M_DOMAIN`` (default ``citation_intent``) from the registry ledger. The tag is
-resolved at import, because BentoML needs the ``BentoModel`` at class scope to package it into
-a bento. Other knobs: see ``serving.schemas.Settings``.
+Which model: ``L3M_MODEL_TAG`` (e.g. ``l3m-citation_intent:abc``), else (inside a built bento)
+the tag the build packaged, else the production version of ``L3M_DOMAIN`` (default
+``citation_intent``) from the registry ledger; with none of these the service refuses to start.
+The tag is resolved at import, because BentoML needs the ``BentoModel`` at class scope to
+package it into a bento. Other knobs: see ``serving.schemas.Settings``.
 
 Endpoints: ``POST /classify`` (adaptive batching), ``GET /metadata``, and BentoML's
 ``/livez`` / ``/readyz`` (``__is_ready__`` is False until the model is loaded and warmed up).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import bentoml
 from bentoml.models import BentoModel
@@ -23,7 +25,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.model_io import load_classifier, predict, read_meta, serving_dtype
-from serving.registry import model_name, production_tag
+from serving.registry import production_tag
 from serving.schemas import Metadata, Prediction, Settings, split_items, texts_type
 
 logger = logging.getLogger("l3m.serving")
@@ -34,24 +36,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SETTINGS = Settings.from_env()
 
 
-def resolve_model_tag(settings: Settings) -> str:
-    """L3M_MODEL_TAG, else the domain's production version, else (inside a built bento, where
-    the registry ledger is absent) the newest ``l3m-<domain>`` model of the active store."""
-    if settings.model_tag:
-        return settings.model_tag
-    tag = production_tag(settings.domain)
+def packaged_model_tag(service_file: Path = Path(__file__)) -> str | None:
+    """Inside a built bento (``<bento>/src/serving/service.py``): the ``L3M_MODEL_TAG`` the build
+    recorded in ``<bento>/bento.yaml``'s envs. ``bentoml serve <bento>`` does not export a
+    bento's envs (only a container does), and there is no ledger inside a bento."""
+    root = service_file.resolve().parents[2]
+    manifest = root / "bento.yaml"
+    if service_file.resolve().parents[1].name != "src" or not manifest.is_file():
+        return None
+    import yaml
+
+    envs = (yaml.safe_load(manifest.read_text(encoding="utf-8")) or {}).get("envs") or []
+    return next((str(e["value"]) for e in envs if e.get("name") == "L3M_MODEL_TAG" and e.get("value")), None)
+
+
+def resolve_model_tag(settings: Settings, service_file: Path = Path(__file__)) -> str:
+    """L3M_MODEL_TAG, else the tag a built bento packaged, else the domain's production version.
+    Nothing else: serving "the newest model" would put an unpromoted candidate in front of users."""
+    tag = settings.model_tag or packaged_model_tag(service_file) or production_tag(settings.domain)
     if tag is not None:
         return tag
-    packaged = sorted(
-        (m for m in bentoml.models.list() if m.tag.name == model_name(settings.domain)),
-        key=lambda m: m.info.creation_time,
-    )
-    if packaged:
-        return str(packaged[-1].tag)
     raise RuntimeError(
         f"no production model for domain {settings.domain!r} in the registry "
-        f"(BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')}); "
-        "register one (`l3m models ...`) or set L3M_MODEL_TAG"
+        f"(BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')}); promote one "
+        "(`l3m models promote TAG`) or set L3M_MODEL_TAG to the version to serve"
     )
 
 

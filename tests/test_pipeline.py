@@ -74,8 +74,14 @@ def test_killed_run_resumes_without_redoing_validation_scoring_or_finished_runs(
     for p, m in mtimes.items():  # finished runs reused, not retrained
         assert (p / "run.json").stat().st_mtime == m
     assert len(list(out.glob("runs/*/run.json"))) == 6
-    assert s["registered"]["tag"].startswith("l3m-toy:")
     assert sum(r["reused"] for r in s["runs"]) == len(finished_before)
+    reg = s["registered"]
+    assert reg["tag"].startswith("l3m-toy:") and reg["evaluated_on"] == "dev snapshot"
+    assert reg["data_fingerprint"] == s["validation"]["fingerprint"]
+    # The first model of a domain is promoted unless it does not beat the majority-class
+    # baseline (the tiny random MLM may not): then it is a candidate with the warning, unpackaged.
+    assert (reg["stage"] == "candidate") == bool(reg["warning"]) and reg["baseline"] is not None
+    assert s["majority_baseline"]["dev"]["macro_f1"] > 0 and any("epochs 2" in x for x in s["settings"])
     assert Path(s["results"]["md"]).exists() and Path(s["tokenview"]).exists()
     assert json.loads((out / "pipeline.json").read_text())["registered"]["tag"] == s["registered"]["tag"]
 
@@ -156,3 +162,25 @@ output_dir: {tmp_path / 'out'}
     meta = json.loads((Path(s["chosen_run"]["model_dir"]) / "l3m.json").read_text())
     assert meta["text_pair"] is True and meta["label_names"] == ["0", "1", "2"]
     assert s["scoring"]["texts_scored"] == 90  # pairs scored as the model sees them (text + pair)
+
+
+def test_a_collapsed_model_is_a_candidate_with_a_warning_and_is_not_packaged(tmp_path, toy_domain, tiny_mlm_dir):
+    """Every dev text identical: any model predicts one class there, which is exactly what the
+    majority-class baseline scores on a balanced dev set, so nothing beats it."""
+    dev = Path(toy_domain.root) / "toy" / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"text": "the same sentence", "label": lab}) + "\n"
+                           for lab in ["pos", "neg", "neu"] * 5), encoding="utf-8")
+    cfg = _write_config(tmp_path, toy_domain, tiny_mlm_dir, seeds=[1])
+    spec = yaml.safe_load(cfg.read_text())
+    spec["strategies"] = [{"kind": "none"}]
+    spec["registry"] = {"build_bento": True}
+    cfg.write_text(yaml.safe_dump(spec))
+    proc = _run(cfg, _env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = _summary(proc.stdout)
+    reg = s["registered"]
+    assert reg["stage"] == "candidate" and not reg["promoted"]
+    assert "baseline" in reg["warning"] and reg["dev_score"] <= reg["baseline"] + 1e-9
+    assert s["bento"] == "not built (candidate)"
+    bentos = tmp_path / "bento" / "bentos"
+    assert not bentos.exists() or not any(bentos.iterdir())

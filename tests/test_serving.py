@@ -253,3 +253,32 @@ def test_asgi_readyz_follows_is_ready(asgi_client):
     finally:
         svc._ready = True
     assert asgi_client.get("/readyz").status_code == 200
+
+
+# ---------------------------------------------------------------- which model is served ------
+
+
+def test_no_production_model_refuses_to_start_without_fallback(tmp_path):
+    """Only a candidate in the store: the service does not fall back to "the newest model"."""
+    from conftest_serving import build_tiny_model_dir, copy_with_dev
+
+    from serving import registry
+
+    store = tmp_path / "bentoml"
+    base = build_tiny_model_dir(tmp_path / "base")
+    with env(BENTOML_HOME=str(store)):
+        # A stored dev score below the best single-class predictor: registered, never promoted.
+        held_back = registry.register(copy_with_dev(base, tmp_path / "weak", 0.01))
+    assert held_back.stage == "candidate" and held_back.warning
+    run_env = os.environ | SERVER_ENV | {"BENTOML_HOME": str(store), "L3M_DOMAIN": "citation_intent"}
+    run_env.pop("L3M_MODEL_TAG", None)
+    proc = subprocess.run([sys.executable, "-c", "import serving.service"], cwd=ROOT, env=run_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "no production model for domain 'citation_intent'" in proc.stderr and "L3M_MODEL_TAG" in proc.stderr
+    # The explicit tag is served even though it is not production.
+    explicit = subprocess.run([sys.executable, "-c", "import serving.service as s; print(s.MODEL_TAG)"], cwd=ROOT,
+                              env=run_env | {"L3M_MODEL_TAG": held_back.tag}, capture_output=True, text=True,
+                              timeout=300)
+    assert explicit.returncode == 0, explicit.stderr[-2000:]
+    assert explicit.stdout.strip().splitlines()[-1] == held_back.tag

@@ -1,4 +1,5 @@
-"""`bentoml build` of the service works offline and packages the production model.
+"""Bento builds: offline, production only, one bento ``l3m-<domain>:<model version>`` per model
+version, and a built bento serves the tag it packaged.
 
 BentoML 1.4.39 runs `uv` during every build and pip-installs it when missing; with PIP_NO_INDEX
 set here, a missing `uv` fails the test instead of being fetched (install it with the dev tools).
@@ -6,44 +7,113 @@ set here, a missing `uv` fails the test instead of being fetched (install it wit
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
+import pytest
 import yaml
-from conftest_serving import build_tiny_model_dir
+from conftest_serving import build_tiny_model_dir, copy_with_dev, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+DOMAIN = "citation_intent"
 
 
-def test_bentoml_build_offline_packages_production_model(tmp_path):
-    home = tmp_path / "bentoml"
-    env = os.environ | {
-        "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
-        # Any attempt to reach a package index would fail the build instead of passing silently.
-        "PIP_NO_INDEX": "1", "UV_OFFLINE": "1",
-    }
-    code = (
-        "import sys; from serving import registry; "
-        "print(registry.register(sys.argv[1]).tag)"
-    )
-    model = build_tiny_model_dir(tmp_path / "model")
-    tag = subprocess.run([sys.executable, "-c", code, str(model)], cwd=ROOT, env=env, check=True,
-                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    build = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "-f", "serving/bentofile.yaml", "-o", "tag", "."],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    bentos = list((home / "bentos" / "l3m-classifier").glob("*/bento.yaml"))
-    assert len(bentos) == 1
-    bento_dir = bentos[0].parent
-    info = yaml.safe_load(bentos[0].read_text())
-    packaged = [m["tag"] for svc in info["services"] for m in svc["models"]]
-    assert packaged == [tag]
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    h = tmp_path / "bentoml"
+    for k, v in {"BENTOML_HOME": str(h), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
+                 # Any attempt to reach a package index would fail the build instead of passing silently.
+                 "PIP_NO_INDEX": "1", "UV_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    return h
+
+
+def bento_dirs(home: Path) -> list[Path]:
+    return sorted(p.parent for p in (home / "bentos").glob("*/*/bento.yaml"))
+
+
+def test_production_bento_is_named_for_the_domain_and_built_once(home, tmp_path):
+    from flows.register import build_bento
+    from serving import registry
+
+    res = registry.register(build_tiny_model_dir(tmp_path / "model"))
+    assert res.promoted
+    tag, built = build_bento(res.tag)
+    assert built and tag == res.tag  # bento l3m-<domain>:<the model's version>
+    (bento_dir,) = bento_dirs(home)
+    assert bento_dir.parent.name == f"l3m-{DOMAIN}" and bento_dir.name == res.tag.split(":")[1]
+    info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    assert [m["tag"] for svc in info["services"] for m in svc["models"]] == [res.tag]
+    assert {e["name"]: e["value"] for e in info["envs"]}["L3M_MODEL_TAG"] == res.tag
     assert (bento_dir / "src" / "serving" / "service.py").is_file()
     assert not list((bento_dir / "src").rglob("*.safetensors"))  # model travels as a BentoML model only
     reqs = (bento_dir / "env" / "python" / "requirements.txt").read_text()
     assert "torch==2.13.0" in reqs
     assert not (bento_dir / "env" / "python" / "requirements.lock.txt").exists()
+
+    mtime = (bento_dir / "bento.yaml").stat().st_mtime
+    assert build_bento(res.tag) == (res.tag, False)  # nothing changed: nothing built
+    assert bento_dirs(home) == [bento_dir] and (bento_dir / "bento.yaml").stat().st_mtime == mtime
+
+
+def test_candidate_is_registered_but_not_packaged(home, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.register import build_bento_task
+    from serving import registry
+
+    base = build_tiny_model_dir(tmp_path / "base")
+    registry.register(copy_with_dev(base, tmp_path / "a", 0.5))
+    worse = registry.register(copy_with_dev(base, tmp_path / "b", 0.3))
+    assert worse.stage == "candidate"
+    assert build_bento_task.fn(worse.to_dict()) == {"tag": None, "status": "not built (candidate)"}
+    res = CliRunner().invoke(app, ["models", "build", worse.tag])
+    assert res.exit_code == 2 and "candidate, not production" in res.output
+    assert bento_dirs(home) == []
+
+
+def test_built_bento_serves_its_packaged_tag_not_the_ledger_production(home, tmp_path):
+    from flows.register import build_bento
+    from serving import registry
+
+    base = build_tiny_model_dir(tmp_path / "base")
+    packaged = registry.register(copy_with_dev(base, tmp_path / "a", 0.5)).tag
+    build_bento(packaged)
+    newer = registry.register(copy_with_dev(base, tmp_path / "b", 0.6))
+    assert newer.promoted and registry.production_tag(DOMAIN) == newer.tag != packaged
+
+    port = free_port()
+    env = os.environ | {"L3M_TORCH_THREADS": "1"}
+    env.pop("L3M_MODEL_TAG", None)
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", packaged, "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180  # bounded: a slow, shared CPU, not a hang
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bento server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"bento server not ready in time:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        meta = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=30).json()
+        assert meta["model_tag"] == packaged
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started, nothing else
+            proc.wait(timeout=10)
