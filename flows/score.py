@@ -1,4 +1,9 @@
-"""Prefect flow ``score``: vanilla-model token PLLs of a domain's texts into the score store.
+"""Prefect flow ``score``: vanilla-model token PLLs of what the runs read, into the score store.
+
+Scope (``plan_items``): the train rows some planned run trains on (all of them unless
+``training.train_limit``), the unlabelled corpus when ``training.use_unlabelled``, and dev/test
+only with ``scoring.shift_summary``; nothing when no strategy reads vanilla scores. The
+summary says which, and why.
 
 Thin on purpose: the splits are cut into shards, one task per shard calls
 ``l3m.scoring.score_texts`` (which reads the store first, so a scored shard costs a lookup and
@@ -133,6 +138,8 @@ def to_markdown(summary: dict[str, Any], cfg: RunConfig) -> str:
         f"Model `{cfg.model.name_or_path}`, metric `{sc.metric}`, mode `{sc.mode}`"
         + (f" (k={sc.stride})" if sc.mode == "strided" else "")
         + f", max_length {cfg.model.max_length}. Store key `{summary['scorer_key']}` in `{summary['store']}`.",
+        "",
+        *(f"- {line}" for line in summary["scope"]),
         "",
         "| split | texts | from store | newly scored | tokens scored | tokens/s | mean log p (nats/token) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -30,7 +30,9 @@ def test_score_flow_store_rerun_and_new_texts(prefect_harness, toy_domain, tiny_
     cfg = {
         "domain": toy_domain(),
         "model": {"name_or_path": str(tiny_model_dir), "max_length": 32},
-        "scoring": {"shard_size": 16, "store_dir": str(tmp_path / "scores"), "device": "cpu"},
+        "scoring": {"shard_size": 16, "store_dir": str(tmp_path / "scores"), "device": "cpu",
+                    "shift_summary": True},
+        "output_dir": str(tmp_path / "out"),
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -64,6 +66,38 @@ def test_score_flow_store_rerun_and_new_texts(prefect_harness, toy_domain, tiny_
     assert third["splits"]["train"]["scored"] == 10 and third["splits"]["train"]["cached"] == 60
     assert third["splits"]["dev"]["scored"] == 0 == third["splits"]["test"]["scored"]
     assert store.count(first["scorer_key"]) == 100
+
+
+def test_score_flow_scores_only_what_the_runs_read(prefect_harness, toy_domain, tiny_model_dir, one_thread,  # noqa: F811
+                                                  tmp_path: Path):
+    from flows.score import score
+    from l3m.experiment import needed_train_rows
+
+    cfg = {
+        "domain": toy_domain(),
+        "model": {"name_or_path": str(tiny_model_dir), "max_length": 32},
+        "scoring": {"store_dir": str(tmp_path / "scores"), "device": "cpu"},
+        "strategies": [{"kind": "none"}, {"kind": "l3"}],
+        "training": {"train_limit": 20, "seeds": [1, 2]},
+        "output_dir": str(tmp_path / "out"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = score(str(path))
+    from l3m.config import load_config
+
+    wanted = len(needed_train_rows(load_config(path), 60))
+    assert 20 < wanted < 60  # two seeds' subsamples overlap, and leave rows out
+    assert set(out["splits"]) == {"train"} and out["splits"]["train"]["texts"] == wanted
+    assert any("training.train_limit=20" in line for line in out["scope"])
+    assert any(line.startswith("dev/test: not scored") for line in out["scope"])
+    assert "- dev/test: not scored" in _latest_artifact("scores-toy")
+
+    cfg["strategies"] = [{"kind": "none"}, {"kind": "random"}]  # nothing reads vanilla scores
+    path.write_text(yaml.safe_dump(cfg))
+    none = score(str(path))
+    assert none["splits"] == {} and none["tokens_scored"] == 0
+    assert any("no strategy in this config reads vanilla scores" in line for line in none["scope"])
 
 
 def _latest_artifact(key: str) -> str:
