@@ -161,7 +161,7 @@ output_dir: {tmp_path / 'out'}
     assert s["registered"]["tag"].startswith("l3m-toy_nli:")
     meta = json.loads((Path(s["chosen_run"]["model_dir"]) / "l3m.json").read_text())
     assert meta["text_pair"] is True and meta["label_names"] == ["0", "1", "2"]
-    assert s["scoring"]["texts_scored"] == 90  # pairs scored as the model sees them (text + pair)
+    assert s["scoring"]["texts_scored"] == 60  # the train pairs, scored as the model sees them (text + pair)
 
 
 def test_a_collapsed_model_is_a_candidate_with_a_warning_and_is_not_packaged(tmp_path, toy_domain, tiny_mlm_dir):
