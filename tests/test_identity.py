@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from l3m import experiment
 from l3m.config import RunConfig
 from l3m.identity import experiment_id
-from l3m.train import RUN_RECORD
+from l3m.train import RUN_RECORD, train_one
 
 
 def _cfg(domain, model, tmp_path, **training):  # noqa: F811
@@ -88,17 +88,30 @@ def test_changed_config_trains_anew_unchanged_reuses_and_no_foreign_resume(domai
     assert {p: p.stat().st_mtime_ns for p in sorted((tmp_path / "runs").glob(f"*/{RUN_RECORD}"))} == mtimes
     assert again["md"] == first["md"]
 
-    # An interrupted run of the changed config must not resume the old config's checkpoints:
-    # plant a checkpoint directory in the old run's place; the new run lives elsewhere.
+    # Interrupt the first config's L3 run (checkpoints kept, no run.json) ...
+    loaded = experiment.load_domain(domain)
+    l3_key = next(k for k, _ in experiment.plan_runs(cfg, loaded.fingerprint) if k.strategy == "l3")
+    l3_dir = l3_key.path(tmp_path)
+    inputs = experiment.prepare_inputs(cfg, loaded, log=quiet)
+    train_one(cfg, cfg.strategies[1], cfg.tuners[0], 1, inputs, l3_dir, resume=False, keep_checkpoints=True,
+              run_id=l3_key.run_id)
+    (l3_dir / RUN_RECORD).unlink()
+    checkpoints = sorted(p.name for p in (l3_dir / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints
+
+    # ... a changed config trains from scratch in its own directory, never from those checkpoints.
     changed = _cfg(domain, tiny_model, tmp_path, epochs=2)
     out = experiment.run_experiment(changed, log=quiet)
-    all_runs = sorted((tmp_path / "runs").glob(f"*/{RUN_RECORD}"))
-    assert len(all_runs) == 4 and out["md"] != first["md"]
-    for p in all_runs:
-        if p not in mtimes:
-            rec = json.loads(p.read_text())
-            assert rec["global_steps"] == 6  # 48 rows / 16 x 2 epochs, from scratch
-            ident = json.loads((p.parent / "identity.json").read_text())
-            assert ident["training"]["epochs"] == 2
+    new_runs = [p for p in (tmp_path / "runs").glob(f"*/{RUN_RECORD}") if p.parent != l3_dir and p not in mtimes]
+    assert len(new_runs) == 2 and out["md"] != first["md"]
+    for p in new_runs:
+        rec = json.loads(p.read_text())
+        assert rec["global_steps"] == 6 and rec["median_step_seconds"] > 0  # 48 rows / 16 x 2 epochs, all trained
+        assert json.loads((p.parent / "identity.json").read_text())["training"]["epochs"] == 2
+    assert sorted(p.name for p in (l3_dir / "checkpoints").glob("checkpoint-*")) == checkpoints
     table = out["md"].read_text()
     assert "epochs 2" in table and "| majority class" in table and "train rows used per run: 48" in table
+
+    # The interrupted run itself resumes from its own checkpoint: no step is trained again.
+    resumed = experiment.run_planned(cfg, l3_key, inputs, tmp_path, log=quiet)
+    assert resumed.global_steps == 3 and resumed.median_step_seconds == 0.0
