@@ -10,24 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest_serving import build_tiny_model_dir, copy_with_dev, label_names, write_meta
+from conftest_serving import copy_with_dev, label_names, write_meta
+from test_registry import home, tiny_dir  # noqa: F401  (fixtures)
 
 from serving import registry
 from serving.registry import EvalSet
 
 DOMAIN = "citation_intent"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture()
-def home(tmp_path, monkeypatch) -> Path:
-    h = tmp_path / "bentoml"
-    monkeypatch.setenv("BENTOML_HOME", str(h))
-    return h
 
 
 def constant_model(src: Path, out: Path, label: str, stored_dev: float) -> Path:
@@ -56,7 +45,7 @@ ALL_BACKGROUND = 8 / 18
 ALL_USES = 1 / 6
 
 
-def test_model_predicting_one_class_is_held_back_with_a_warning(home, tiny_dir, tmp_path):
+def test_model_predicting_one_class_is_held_back_with_a_warning(home, tiny_dir, tmp_path):  # noqa: F811
     degenerate = constant_model(tiny_dir, tmp_path / "deg", "Background", stored_dev=0.9)
     res = registry.register(degenerate, dev=dev_set(GOLD, majority="Background"))
     assert res.stage == "candidate" and not res.promoted
@@ -72,7 +61,7 @@ def test_model_predicting_one_class_is_held_back_with_a_warning(home, tiny_dir, 
     assert registry.production_tag(DOMAIN) is None
 
 
-def test_force_promote_from_the_cli_overrides_the_baseline(home, tiny_dir, tmp_path):
+def test_force_promote_from_the_cli_overrides_the_baseline(home, tiny_dir, tmp_path):  # noqa: F811
     from typer.testing import CliRunner
 
     from flows.cli import app
@@ -88,7 +77,7 @@ def test_force_promote_from_the_cli_overrides_the_baseline(home, tiny_dir, tmp_p
     assert registry.production_tag(DOMAIN) == res.tag
 
 
-def test_production_is_rescored_on_the_new_dev_set(home, tiny_dir, tmp_path):
+def test_production_is_rescored_on_the_new_dev_set(home, tiny_dir, tmp_path):  # noqa: F811
     # Production's stored number (0.9, from its own run's dev data) would beat the challenger's
     # stored 0.3; on the current snapshot the challenger wins, and that is what counts.
     prod = registry.register(constant_model(tiny_dir, tmp_path / "p", "Uses", stored_dev=0.9))
@@ -104,7 +93,7 @@ def test_production_is_rescored_on_the_new_dev_set(home, tiny_dir, tmp_path):
     assert entry["data_fingerprint"] == "snap-2" and entry["production_dev_score"] == pytest.approx(ALL_USES)
 
 
-def test_rescored_production_can_win_where_stored_numbers_would_not(home, tiny_dir, tmp_path):
+def test_rescored_production_can_win_where_stored_numbers_would_not(home, tiny_dir, tmp_path):  # noqa: F811
     prod = registry.register(constant_model(tiny_dir, tmp_path / "p", "Background", stored_dev=0.2))
     challenger = constant_model(tiny_dir, tmp_path / "c", "Uses", stored_dev=0.8)
     # The train majority is Future, which neither model predicts.
@@ -115,7 +104,7 @@ def test_rescored_production_can_win_where_stored_numbers_would_not(home, tiny_d
     assert registry.production_tag(DOMAIN) == prod.tag
 
 
-def test_different_label_sets_refuse_with_a_clear_message(home, tiny_dir, tmp_path):
+def test_different_label_sets_refuse_with_a_clear_message(home, tiny_dir, tmp_path):  # noqa: F811
     registry.register(copy_with_dev(tiny_dir, tmp_path / "p", 0.5))
     renamed = [f"{n}_v2" for n in label_names()]
     other = copy_with_dev(tiny_dir, tmp_path / "o", 0.6, labels=renamed)
@@ -128,7 +117,7 @@ def test_different_label_sets_refuse_with_a_clear_message(home, tiny_dir, tmp_pa
     assert len(registry.list_models()) == 1  # nothing registered by the refused calls
 
 
-def test_stored_scores_from_different_data_are_not_compared(home, tiny_dir, tmp_path):
+def test_stored_scores_from_different_data_are_not_compared(home, tiny_dir, tmp_path):  # noqa: F811
     prod = registry.register(copy_with_dev(tiny_dir, tmp_path / "p", 0.5))
     other_data = copy_with_dev(tiny_dir, tmp_path / "c", 0.7)
     meta = json.loads((other_data / "l3m.json").read_text())
@@ -140,7 +129,7 @@ def test_stored_scores_from_different_data_are_not_compared(home, tiny_dir, tmp_
     assert registry.production_tag(DOMAIN) == prod.tag
 
 
-def test_without_snapshot_a_score_at_the_single_class_bar_is_held_back(home, tiny_dir, tmp_path):
+def test_without_snapshot_a_score_at_the_single_class_bar_is_held_back(home, tiny_dir, tmp_path):  # noqa: F811
     weak = tmp_path / "weak"
     copy_with_dev(tiny_dir, weak, 0.5)
     # Stored dev confusion: 9 Background, 1 Uses; always-Background scores 18/19/2 macro-F1.
