@@ -84,8 +84,10 @@ class Runner:
 
         self.gx = gx
         # GX logs its ephemeral context's temporary docs site at INFO on every run: noise in
-        # the user's log, nothing to act on.
-        logging.getLogger("great_expectations").setLevel(logging.WARNING)
+        # the user's log, nothing to act on. That module sets its own logger's level, so the
+        # parent's level alone does not silence it.
+        for name in ("great_expectations", "great_expectations.data_context.types.base"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.ctx = gx.get_context(mode="ephemeral")
         # One progress bar per expectation suite floods logs (and Prefect's log store).
         self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
