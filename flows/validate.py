@@ -32,7 +32,10 @@ def validate_and_report(cfg: RunConfig) -> tuple[ValidationReport, dict[str, Pat
     report = validate_domain(cfg.domain, raw, prepared)
     paths = write_report(report, cfg.resolved_output_dir() / "validation")
     if report.passed:
-        summary = {"passed": True, "warnings": len(report.warnings), "report": str(paths["json"])}
+        summary = {"passed": True, "warnings": len(report.warnings), "report": str(paths["json"]),
+                   "row_counts": report.row_counts, "split_status": report.split_status,
+                   "checks": [{"check": r.check, "split": r.split, "severity": r.severity, "success": r.success,
+                               "rows": r.unexpected_count} for r in report.final]}
         paths["snapshot"] = write_snapshot(snapshot_dir(cfg), cfg.domain, prepared, summary)
     return report, paths
 

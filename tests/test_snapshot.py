@@ -77,3 +77,15 @@ def test_snapshot_carries_the_prepared_corpus(toy_domain, tmp_path):
 def test_reading_something_that_is_not_a_snapshot_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a data snapshot"):
         snapshot.load_snapshot(tmp_path)
+
+
+def test_the_validate_step_records_row_counts_and_checks_in_the_manifest(toy_domain, tmp_path):
+    from flows.validate import validate_and_report
+
+    cfg = _cfg(toy_domain, tmp_path)
+    report, paths = validate_and_report(cfg)
+    manifest = snapshot.read_manifest(paths["snapshot"])
+    v = manifest["validation"]
+    assert v["passed"] and v["row_counts"]["dev"] == {"raw": 15, "used": 15}
+    assert {c["check"] for c in v["checks"]} >= {"row_count", "train_test_leakage", "conflicting_labels"}
+    assert v["split_status"] == {"dev": "standard", "test": "standard"}
