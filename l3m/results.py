@@ -8,6 +8,7 @@ majority-class baseline the numbers belong to.
 from __future__ import annotations
 
 import statistics
+import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,11 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str, header: list[str] 
 
     names = [f"{LABELS.get(r['strategy'], r['strategy'])}" + (f"\n{r['tuner']}" if r["tuner"] != "full" else "") for r in rows]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(rows) + 2), 4.0))
+    width = max(5.5, 1.4 * len(rows) + 2)
+    # The settings these numbers belong to, wrapped under the axes (the first lines: model,
+    # splits, training, scores; the data notes are in results.md).
+    notes = textwrap.wrap("; ".join((header or [])[:4]), width=int(width * 17))[:4]
+    fig, ax = plt.subplots(figsize=(width, 4.0 + 0.16 * len(notes)))
     for off, m, color in ((-0.18, "accuracy", "#4c72b0"), (0.18, "macro_f1", "#dd8452")):
         ax.bar(x + off, [r[f"test_{m}_mean"] for r in rows], 0.36, yerr=[r[f"test_{m}_std"] for r in rows],
                capsize=3, label=f"test {m.replace('_', '-')}", color=color)
@@ -102,8 +107,9 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str, header: list[str] 
     ax.set_ylim(max(0, lo - 10), 100)
     ax.legend(loc="upper right", fontsize=8)  # bars start at 0 and rarely reach the top
     ax.set_title(title or "strategies (mean ± std over seeds)", fontsize=10)
-    if header:  # the settings these numbers belong to, under the axes
-        fig.text(0.01, 0.01, "; ".join(header)[:220], fontsize=6, color="#444")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    bottom = 0.045 * len(notes)
+    for i, line in enumerate(notes):
+        fig.text(0.01, bottom - 0.04 * (i + 1) + 0.01, line, fontsize=6.5, color="#444")
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
