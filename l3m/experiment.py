@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from l3m.config import MaskingSpec, RunConfig, TunerSpec, load_config
 from l3m.data.loading import LoadedDomain, encode_kwargs, load_domain, load_unlabelled
 from l3m.evaluate import majority_baseline
 from l3m.identity import RunKey, digest, experiment_dir, experiment_id, run_key
+from l3m.locking import exclusive
 from l3m.results import write_results
 from l3m.train import RUN_RECORD, RunRecord, TrainInputs, train_one, train_rows
 
@@ -206,7 +208,20 @@ def write_token_view(cfg: RunConfig, inputs: TrainInputs, exp_dir: Path, n: int 
 
 
 def run_planned(cfg: RunConfig, key: RunKey, inputs: TrainInputs, out_dir: Path, log: Log = print) -> RunRecord:
-    """Train (or reuse, or resume) one planned run in its identity-named directory."""
+    """Train (or reuse, or resume) one planned run in its identity-named directory.
+
+    Two processes sharing the output root (two workers running the same config) take turns: the
+    run's lock file makes the second wait and then reuse what the first trained. A torchrun launch
+    takes no lock (its ranks train one run together; a lock held by one rank would deadlock it).
+    """
+    run_dir = key.path(out_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _run_unlocked(cfg, key, inputs, out_dir, log)
+    with exclusive(run_dir.with_name(run_dir.name + ".lock")):
+        return _run_unlocked(cfg, key, inputs, out_dir, log)
+
+
+def _run_unlocked(cfg: RunConfig, key: RunKey, inputs: TrainInputs, out_dir: Path, log: Log) -> RunRecord:
     run_dir = key.path(out_dir)
     if (run_dir / RUN_RECORD).exists():
         log(f"run {key.name}: finished before with identical settings, data and scores: reused")
