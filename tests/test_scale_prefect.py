@@ -191,7 +191,8 @@ def _config(c: Cluster, toy_domain, tiny_mlm_dir: Path, name: str) -> Path:
     cfg = {"domain": toy_domain(name=name), "model": {"name_or_path": str(tiny_mlm_dir), "max_length": 32},
            "scoring": {"mode": "exact", "shard_size": 20},
            "strategies": [{"kind": "none"}, {"kind": "l3"}],
-           "training": {"seeds": [1], "epochs": 2, "batch_size": 16, "lr": 1e-3}}
+           # Enough training for the toy data to beat the majority baseline (else no production).
+           "training": {"seeds": [1], "epochs": 6, "batch_size": 16, "lr": 3e-3}}
     path = c.base / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
