@@ -57,6 +57,7 @@ def test_defaults_render_a_gpu_job_with_image_env_and_the_shared_volume():
     env = {e["name"]: e.get("value") for e in c["env"]}
     # The shared volume holds the output root (score store inside) and the BentoML store.
     assert env["L3M_OUTPUT_ROOT"] == "/data/runs" and env["BENTOML_HOME"] == "/data/bentoml"
+    assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"].startswith("/data/")  # the registration cache
     assert env["PREFECT__FLOW_RUN_ID"]  # the worker's own variables reach the pod
     assert c["volumeMounts"] == [{"name": "l3m-data", "mountPath": "/data"}]
     assert pod["volumes"] == [{"name": "l3m-data", "persistentVolumeClaim": {"claimName": "l3m-data"}}]

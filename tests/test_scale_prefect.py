@@ -87,7 +87,8 @@ class Cluster:
                     "PREFECT_SERVER_DATABASE_CONNECTION_URL": db_url,
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "L3M_OUTPUT_ROOT": str(base / "out"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
                     # Heartbeats every 30 s (the minimum): the crash automation notices a dead run sooner.
-                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PWD": str(ROOT)}
+                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PWD": str(ROOT),
+                    "PIP_NO_INDEX": "1", "UV_OFFLINE": "1"}  # bento builds resolve nothing online
         self.procs: list[subprocess.Popen] = []
         self.workers: dict[str, subprocess.Popen] = {}
 
@@ -185,14 +186,15 @@ def cluster(postgres, tmp_path_factory) -> Iterator[Cluster]:
         c.stop()
 
 
-def _config(c: Cluster, toy_domain, tiny_mlm_dir: Path, name: str) -> Path:
+def _config(c: Cluster, toy_domain, tiny_mlm_dir: Path, name: str, bento: bool = False) -> Path:
     """A pipeline config with no output paths: the workers' L3M_OUTPUT_ROOT holds every domain's
     outputs (<root>/<domain>/) and the score store (<root>/scores/), as on a shared volume."""
     cfg = {"domain": toy_domain(name=name), "model": {"name_or_path": str(tiny_mlm_dir), "max_length": 32},
            "scoring": {"mode": "exact", "shard_size": 20},
            "strategies": [{"kind": "none"}, {"kind": "l3"}],
            # Enough training for the toy data to beat the majority baseline (else no production).
-           "training": {"seeds": [1], "epochs": 6, "batch_size": 16, "lr": 3e-3}}
+           "training": {"seeds": [1], "epochs": 6, "batch_size": 16, "lr": 3e-3},
+           "registry": {"build_bento": bento}}
     path = c.base / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -221,7 +223,7 @@ def _overlap(runs: list[dict]) -> bool:
 
 def test_two_domains_at_once_on_postgres(cluster, toy_domain, tiny_mlm_dir):
     c = cluster
-    ids = [c.trigger(_config(c, toy_domain, tiny_mlm_dir, name)) for name in ("toy", "toy2")]
+    ids = [c.trigger(_config(c, toy_domain, tiny_mlm_dir, name, bento=True)) for name in ("toy", "toy2")]
     runs = c.wait(ids, {"COMPLETED"})
     assert _overlap(runs), "the two workers did not run the pipelines at the same time"
     assert {r["work_pool_name"] for r in runs} == {"l3m-process"}
