@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-import torch.distributed as dist
 from datasets import Dataset, DatasetDict
 from torch import nn
 from transformers import (
@@ -48,6 +47,7 @@ from transformers import (
 
 from l3m.config import MaskingSpec, RunConfig, TunerSpec
 from l3m.data.loading import PAIR, TEXT, LoadedDomain, encode_kwargs
+from l3m.distributed import barrier, summed_over_ranks
 from l3m.evaluate import (
     PREDICTIONS_DIR,
     compute_metrics,
@@ -57,7 +57,7 @@ from l3m.evaluate import (
     write_predictions,
 )
 from l3m.masking import MaskingCollator, build_masking
-from l3m.masking.collator import EXAMPLE_ID, MaskingStats
+from l3m.masking.collator import EXAMPLE_ID
 from l3m.modeling import alias_names, build_multitask_model
 from l3m.tuning import build_tuner
 
@@ -372,7 +372,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         raise RuntimeError("the trainer lost its model")
     collator.stats = summed_over_ranks(collator.stats)
     if not trainer.is_world_process_zero():  # rank 0 writes; the others wait for its run.json
-        _barrier()
+        barrier()
         return RunRecord.load(record_path)
     exported = tuner.export(trainer.model, model_dir) or {}
     for split, recs in records.items():
@@ -404,26 +404,8 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     record.save(record_path)
     if not keep_checkpoints:
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    _barrier()
+    barrier()
     return record
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-def summed_over_ranks(stats: MaskingStats) -> MaskingStats:
-    """The masking counts of all DDP ranks (each rank collates only its share of the batches)."""
-    if not _distributed():
-        return stats
-    t = torch.tensor([stats.content_tokens, stats.selected_tokens, stats.expected_selected], dtype=torch.float64)
-    dist.all_reduce(t)
-    return MaskingStats(int(t[0]), int(t[1]), float(t[2]))
 
 
 def loaded_metric(cfg: RunConfig) -> str:

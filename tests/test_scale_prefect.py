@@ -85,7 +85,8 @@ class Cluster:
         self.env = {**os.environ, "PREFECT_HOME": str(base / "prefect"), "BENTOML_HOME": str(base / "bento"),
                     "PREFECT_API_URL": f"http://127.0.0.1:{self.port}/api",
                     "PREFECT_SERVER_DATABASE_CONNECTION_URL": db_url,
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "L3M_OUTPUT_ROOT": str(base / "out"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "L3M_OUTPUT_ROOT": str(base / "out"),
+                    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(base / "out" / "prefect-results"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
                     # Heartbeats every 30 s (the minimum): the crash automation notices a dead run sooner.
                     "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PWD": str(ROOT),
                     "PIP_NO_INDEX": "1", "UV_OFFLINE": "1"}  # bento builds resolve nothing online
@@ -161,8 +162,17 @@ class Cluster:
         pytest.fail(f"runs {[(r['name'], r['state_type']) for r in runs]} not in {states}\n{logs}")
 
     def log_lines(self, run_ids: list[str]) -> list[str]:
-        logs = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": run_ids}}, "limit": 200})
-        return [entry["message"] for entry in logs]
+        """Every log message of these flow runs, their subflows (the pipeline calls the score and
+        train flows) and their tasks, paging through the API's limit."""
+        children = self.post("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": run_ids}}})
+        run_ids = run_ids + [r["id"] for r in children]
+        lines: list[str] = []
+        while True:
+            page = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": run_ids}}, "sort": "TIMESTAMP_ASC",
+                                              "offset": len(lines), "limit": 200})
+            lines += [entry["message"] for entry in page]
+            if len(page) < 200:
+                return lines
 
     def stop(self) -> None:
         for p in reversed(self.procs):
