@@ -8,7 +8,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup demo test test-slow test-all lint bench clean
+.PHONY: setup demo test test-slow test-all lint bench clean postgres
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -26,10 +26,16 @@ demo: setup  ## the main job: the whole pipeline on the default domain (citation
 test: setup  ## the default test suite (slow tests excluded)
 	$(BIN)/python -m pytest -q
 
-test-slow: setup
+# The slow scale-out test (tests/test_scale_prefect.py) starts a real PostgreSQL server from
+# the distribution's package; install it when initdb is nowhere (Debian keeps it off PATH).
+postgres:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; fi
+
+test-slow: setup postgres
 	$(BIN)/python -m pytest -q -m slow
 
-test-all: setup
+test-all: setup postgres
 	$(BIN)/python -m pytest -q -m 'slow or not slow'
 
 lint: setup  ## ruff, and mypy on l3m/ flows/ serving/ (settings in pyproject.toml)

@@ -84,9 +84,21 @@ def score(config: Config, set_: Sets = None) -> None:
 
 
 @app.command()
-def train(config: Config, set_: Sets = None) -> None:
+def train(config: Config, set_: Sets = None,
+          nproc: Annotated[int, typer.Option("--nproc", min=1, help=(
+              "processes per run: >1 validates and scores here, then trains every run with "
+              "torchrun --nproc_per_node N (DDP; one process per GPU, gloo on CPU)"))] = 1) -> None:
     """Train strategies x tuners x seeds and write the results table (scores read from the store)."""
-    _run_flow("flows.train", "train", config, set_)
+    if nproc == 1:
+        _run_flow("flows.train", "train", config, set_)
+        return
+    try:
+        from flows.train import torchrun_train
+
+        code = torchrun_train(config, set_ or [], nproc)
+    except USER_ERRORS as e:
+        _fail(e)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -28,6 +28,7 @@ from prefect.cache_policies import NONE
 
 from flows.common import artifact_key
 from serving import registry
+from serving.ledger import registration_lock
 from serving.registry import EvalSet, RegistryError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,11 +153,14 @@ def register_once(model_dir: str, promote_margin: float, snapshot_dir: str | Non
 
     params = {"model_dir": model_dir, "promote_margin": promote_margin, "snapshot_dir": snapshot_dir}
     key = register_cache_key(None, params)
-    store: Any = get_result_store().update_for_task(register_cached)  # sync call in a sync flow
-    stale = store.exists(key) and not registry.has_model(store.read(key).result["tag"])
-    if stale:
-        get_run_logger().info("cached registration's model is gone from the store: registering again")
-    return register_cached.with_options(refresh_cache=stale)(model_dir, promote_margin, snapshot_dir)
+    # Workers sharing this store register one at a time, so a second pipeline that chose the same
+    # model finds the first one's cached registration instead of storing the model again.
+    with registration_lock(registry.registry_home()):
+        store: Any = get_result_store().update_for_task(register_cached)  # sync call in a sync flow
+        stale = store.exists(key) and not registry.has_model(store.read(key).result["tag"])
+        if stale:
+            get_run_logger().info("cached registration's model is gone from the store: registering again")
+        return register_cached.with_options(refresh_cache=stale)(model_dir, promote_margin, snapshot_dir)
 
 
 # ----------------------------------------------------------------- pipeline: the bento
@@ -189,8 +193,14 @@ def build_bento(model_tag: str) -> tuple[str, bool]:
     """(bento tag, built now?): bento ``l3m-<domain>:<model version>`` packaging ``model_tag``;
     nothing is built when that bento already exists."""
     tag = model_tag  # same name and version as the model: one bento per model version
-    if bento_exists(tag):
-        return tag, False
+    with registration_lock(registry.registry_home()):  # two workers never build the same bento
+        if bento_exists(tag):
+            return tag, False
+        return _build(model_tag, tag), True
+
+
+def _build(model_tag: str, tag: str) -> str:
+    """Run ``bentoml build`` for ``model_tag`` as bento ``tag``; returns the tag it reports."""
     with tempfile.TemporaryDirectory(prefix="l3m-bentofile-") as tmp:
         bentofile = _bentofile_for(model_tag, Path(tmp))
         # A subprocess: the service resolves its model at import, and an imported module
@@ -202,7 +212,7 @@ def build_bento(model_tag: str) -> tuple[str, bool]:
         )  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"bentoml build failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout.strip().splitlines()[-1].replace("__tag__:", ""), True
+    return proc.stdout.strip().splitlines()[-1].replace("__tag__:", "")
 
 
 @task(name="build-bento", cache_policy=NONE, retries=1)

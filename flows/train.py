@@ -84,3 +84,25 @@ def ensure_snapshot(cfg: RunConfig) -> str:
     from flows.validate import validate_task
 
     return str(validate_task(cfg)["snapshot"])
+
+
+def torchrun_train(config: Path, overrides: list[str], nproc: int) -> int:
+    """``l3m train --nproc N``: validate and score in this process (once), then train every run
+    with ``torchrun --standalone --nproc_per_node N -m l3m.experiment`` on the same snapshot.
+
+    Scoring first keeps the ranks from scoring the same texts; the ranks read the stored scores.
+    Returns torchrun's exit status.
+    """
+    import subprocess
+    import sys
+
+    cfg = as_config(config, overrides)
+    check_model(cfg.model)
+    snapshot = ensure_snapshot(cfg)
+    args = [str(config), *overrides, "--snapshot", snapshot]
+    prep = subprocess.run([sys.executable, "-m", "l3m.experiment", *args, "--prepare-only"], check=False)
+    if prep.returncode != 0:
+        return prep.returncode
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+              "-m", "l3m.experiment", *args]
+    return subprocess.run(launch, check=False).returncode

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ import numpy as np
 
 from l3m.config import MaskingSpec, RunConfig, TunerSpec, load_config
 from l3m.data.loading import LoadedDomain, encode_kwargs, load_domain, load_unlabelled
+from l3m.data.snapshot import load_snapshot
 from l3m.evaluate import majority_baseline
 from l3m.identity import RunKey, digest, experiment_dir, experiment_id, run_key
+from l3m.locking import exclusive
 from l3m.results import write_results
 from l3m.train import RUN_RECORD, RunRecord, TrainInputs, train_one, train_rows
 
@@ -206,7 +209,20 @@ def write_token_view(cfg: RunConfig, inputs: TrainInputs, exp_dir: Path, n: int 
 
 
 def run_planned(cfg: RunConfig, key: RunKey, inputs: TrainInputs, out_dir: Path, log: Log = print) -> RunRecord:
-    """Train (or reuse, or resume) one planned run in its identity-named directory."""
+    """Train (or reuse, or resume) one planned run in its identity-named directory.
+
+    Two processes sharing the output root (two workers running the same config) take turns: the
+    run's lock file makes the second wait and then reuse what the first trained. A torchrun launch
+    takes no lock (its ranks train one run together; a lock held by one rank would deadlock it).
+    """
+    run_dir = key.path(out_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _run_unlocked(cfg, key, inputs, out_dir, log)
+    with exclusive(run_dir.with_name(run_dir.name + ".lock")):
+        return _run_unlocked(cfg, key, inputs, out_dir, log)
+
+
+def _run_unlocked(cfg: RunConfig, key: RunKey, inputs: TrainInputs, out_dir: Path, log: Log) -> RunRecord:
     run_dir = key.path(out_dir)
     if (run_dir / RUN_RECORD).exists():
         log(f"run {key.name}: finished before with identical settings, data and scores: reused")
@@ -279,16 +295,22 @@ def tabulate(cfg: RunConfig, inputs: TrainInputs, keys: list[RunKey]) -> dict[st
 
 
 def run_experiment(cfg: RunConfig, log: Log = print, loaded: LoadedDomain | None = None) -> dict[str, Path]:
-    """Everything in one process: score once, train every planned run, write the table."""
+    """Everything in one process: score once, train every planned run, write the table.
+
+    Under ``torchrun`` every rank runs this; only rank 0 writes the token view and the table (the
+    runs' files are rank 0's too, see ``l3m.train``), the other ranks return nothing.
+    """
+    lead = int(os.environ.get("RANK", "0")) == 0
     inputs = prepare_inputs(cfg, loaded, log=log)
     keys = [k for k, _ in plan_runs(cfg, inputs.data_fingerprint)]
     outputs = {}
-    if (view := write_token_view(cfg, inputs, experiment_dir(cfg, keys))) is not None:
+    if lead and (view := write_token_view(cfg, inputs, experiment_dir(cfg, keys))) is not None:
         outputs["tokenview"] = view
     for key in keys:
         rec = run_planned(cfg, key, inputs, cfg.resolved_output_dir(), log)
         log(f"  test acc {100 * rec.metrics['test']['accuracy']:.2f} macro-F1 {100 * rec.metrics['test']['macro_f1']:.2f}")
-    outputs.update(tabulate(cfg, inputs, keys))
+    if lead:
+        outputs.update(tabulate(cfg, inputs, keys))
     return outputs
 
 
@@ -298,10 +320,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="key.sub=value (YAML values)")
     ap.add_argument("--prepare-only", action="store_true",
                     help="score the train texts into the store and write the token view, train nothing")
+    ap.add_argument("--snapshot", help="a validated data snapshot directory to read instead of the raw files")
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
+    loaded = load_snapshot(a.snapshot) if a.snapshot else None
     if a.prepare_only:
-        inputs = prepare_inputs(cfg)
+        inputs = prepare_inputs(cfg, loaded)
         exp_dir = experiment_dir(cfg, [k for k, _ in plan_runs(cfg, inputs.data_fingerprint)])
         print(f"tokenview: {write_token_view(cfg, inputs, exp_dir)}")
         if inputs.token_logp is not None:
@@ -309,7 +333,9 @@ def main(argv: list[str] | None = None) -> None:
             (exp_dir / "l3_rates.json").write_text(json.dumps(rates, indent=2))
             print(f"l3 rates: {rates}")
         return
-    paths = run_experiment(cfg)
+    paths = run_experiment(cfg, loaded=loaded)
+    if "md" not in paths:  # a torchrun rank other than 0: rank 0 prints the table
+        return
     print(Path(paths["md"]).read_text())
     for k, p in paths.items():
         print(f"{k}: {p}")

@@ -11,6 +11,11 @@ checkpointing and resume, early stopping on the dev metric with the best checkpo
 * checkpoints of the multi-task module saved with shared tensors de-duplicated (encoder and
   tied decoder appear under two names);
 * the tuner hooks (``l3m.tuning``): prepare / callbacks / optimizer groups / export.
+
+Under ``torchrun`` (DDP, ``docs/scale-out.md``) every rank runs ``train_one``: the Trainer
+shards the train batches, evaluation gathers the full dev/test predictions on every rank, the
+masking counts are summed over ranks, and only rank 0 writes the model, reports and ``run.json``.
+Train rows carry their index (``example_id``) so each is masked as in one process.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from transformers import (
 
 from l3m.config import MaskingSpec, RunConfig, TunerSpec
 from l3m.data.loading import PAIR, TEXT, LoadedDomain, encode_kwargs
+from l3m.distributed import barrier, summed_over_ranks
 from l3m.evaluate import (
     PREDICTIONS_DIR,
     compute_metrics,
@@ -51,6 +57,7 @@ from l3m.evaluate import (
     write_predictions,
 )
 from l3m.masking import MaskingCollator, build_masking
+from l3m.masking.collator import EXAMPLE_ID
 from l3m.modeling import alias_names, build_multitask_model
 from l3m.tuning import build_tuner
 
@@ -237,6 +244,17 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._t)
 
 
+class MaskingEpoch(TrainerCallback):
+    """Tell the collator which epoch starts: its keyed masking draws depend on it."""
+
+    def __init__(self, collator: MaskingCollator) -> None:
+        self.collator = collator
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        # A resumed run restarts inside an epoch: the fractional part is the progress into it.
+        self.collator.epoch = int(state.epoch + 1e-6)
+
+
 class LossParts(TrainerCallback):
     """Add the last step's classification and MLM losses to the Trainer's logs."""
 
@@ -282,7 +300,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(base, revision=cfg.model.revision)
     encoded = encoded or encode_domain(inputs, tokenizer, cfg.model.max_length)
     rows = train_rows(encoded["train"].num_rows, t_cfg.train_limit, seed)
-    train_ds = select_train(encoded["train"], inputs, rows)
+    train_ds = select_train(encoded["train"], inputs, rows).add_column(EXAMPLE_ID, rows)
     strategy = build_masking(masking)
     missing = [c for c in strategy.columns if c not in train_ds.column_names]
     if missing:
@@ -334,7 +352,8 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         model=model, args=args, data_collator=collator, eval_collator=eval_collator,
         train_dataset=train_ds, eval_dataset=encoded["dev"], processing_class=tokenizer,
         compute_metrics=compute_metrics, optimizers=(optimizer, None),
-        callbacks=[EarlyStoppingCallback(t_cfg.early_stopping_patience), timer, LossParts(), *tuner.callbacks()],
+        callbacks=[EarlyStoppingCallback(t_cfg.early_stopping_patience), timer, LossParts(), MaskingEpoch(collator),
+                   *tuner.callbacks()],
     )
     ckpts = sorted((out_dir / "checkpoints").glob("checkpoint-*")) if resume else []
     t0 = time.perf_counter()
@@ -351,6 +370,10 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     model_dir = out_dir / "model"
     if trainer.model is None:
         raise RuntimeError("the trainer lost its model")
+    collator.stats = summed_over_ranks(collator.stats)
+    if not trainer.is_world_process_zero():  # rank 0 writes; the others wait for its run.json
+        barrier()
+        return RunRecord.load(record_path)
     exported = tuner.export(trainer.model, model_dir) or {}
     for split, recs in records.items():
         write_predictions(model_dir / PREDICTIONS_DIR / f"{split}.jsonl", recs)
@@ -381,6 +404,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     record.save(record_path)
     if not keep_checkpoints:
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    barrier()
     return record
 
 

@@ -5,12 +5,17 @@ public update call), so the *current* stage of each version and the promotion hi
 here, in ``$BENTOML_HOME/l3m-registry.json``. Every read-modify-write holds an exclusive
 ``fcntl`` lock and replaces the file atomically, so a crashed or concurrent writer never leaves
 a half-written ledger behind.
+
+``registration_lock`` serialises whole registrations (cache check, model copy, promotion,
+bento build) across the workers sharing one ``BENTOML_HOME``: without it two pipelines that
+chose the same model would both miss the registration cache and store it twice. It is a
+separate file because the ledger lock is taken again inside a registration. Both locks are
+``flock`` locks (``l3m.locking``): they need storage with working locks (local disk, NFS).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import tempfile
@@ -19,8 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from l3m.locking import exclusive
+
 LEDGER_FILE = "l3m-registry.json"
 LOCK_FILE = "l3m-registry.lock"
+REGISTRATION_LOCK_FILE = "l3m-registration.lock"
 # Events kept per ledger; older ones are dropped so the file stays small.
 MAX_EVENTS = 1000
 
@@ -62,16 +70,18 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def locked_ledger(home: Path) -> Iterator[dict[str, Any]]:
     """Yield the ledger for modification; it is written back only if the block succeeds."""
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / LOCK_FILE, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            data = read_ledger(home)
-            yield data
-            data["events"] = data["events"][-MAX_EVENTS:]
-            _write_atomic(home / LEDGER_FILE, data)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive(home / LOCK_FILE):
+        data = read_ledger(home)
+        yield data
+        data["events"] = data["events"][-MAX_EVENTS:]
+        _write_atomic(home / LEDGER_FILE, data)
+
+
+@contextlib.contextmanager
+def registration_lock(home: Path) -> Iterator[None]:
+    """Hold the store-wide registration lock (see the module docstring)."""
+    with exclusive(home / REGISTRATION_LOCK_FILE):
+        yield
 
 
 def add_event(ledger: dict[str, Any], action: str, tag: str, domain: str, reason: str) -> None:

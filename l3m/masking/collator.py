@@ -11,10 +11,19 @@ the random draws on the seeded generator, so ``random`` reproduces it exactly:
   2. of those, ``mask_replace`` (80%) become [MASK];
   3. of the rest, ``random_replace / (1 - mask_replace)`` (10% overall) a random token;
   4. the remaining 10% stay unchanged (but are still predicted).
+
+Features that carry an ``example_id`` (training rows, see ``l3m.train``) are masked with draws
+keyed by (seed, example id, ``epoch``) instead of the batch's generator stream: an example's
+masks then do not depend on which batch or process it lands in, so ``torchrun`` with N
+processes masks every example as one process does (the Trainer sets ``epoch`` on every rank
+through a callback; an example can sit on another rank in the next epoch). The
+draws are uniform variates compared with the same probabilities, so the masking distribution
+is unchanged; only features without an id (direct use, the unlabelled pool) use the stream.
 """
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +35,23 @@ from transformers import PreTrainedTokenizerBase
 from l3m.masking.base import FLOAT_COLUMNS, INT_COLUMNS, MaskingStrategy
 
 _TOKENIZER_KEYS = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")
+EXAMPLE_ID = "example_id"
+
+
+@dataclass
+class Draws:
+    """Uniform variates per token for steps 1-3 and the random replacement tokens (B x L)."""
+
+    select: torch.Tensor
+    replace: torch.Tensor
+    randomise: torch.Tensor
+    words: torch.Tensor
+
+
+def example_seed(seed: int, example_id: int, epoch: int) -> int:
+    """A 63-bit generator seed for one example's masking in one epoch under a run seed."""
+    digest = hashlib.blake2b(f"{seed}:{example_id}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & ((1 << 63) - 1)
 
 
 @dataclass
@@ -87,6 +113,7 @@ class MaskingCollator:
     mlm_pool: Sequence[dict[str, Any]] | None = None
     pool_per_batch: int | None = None  # default: as many as the batch has
     stats: MaskingStats = field(default_factory=MaskingStats)
+    epoch: int = 0  # part of the keyed draws' key; the Trainer's callback advances it
 
     def __post_init__(self) -> None:
         if self.strategy.uses_mlm and self.tokenizer.mask_token is None:
@@ -144,16 +171,42 @@ class MaskingCollator:
         special = view["special_tokens_mask"]
         probs = self.strategy.selection_probs(view).float().masked_fill(special, 0.0)
         word_ids = view.get("word_ids") if self.strategy.whole_word else None
-        batch["mlm_input_ids"], batch["mlm_labels"] = self.mask_tokens(view["input_ids"].clone(), probs, word_ids)
+        draws = self._keyed_draws(features, view["attention_mask"]) if self.seed is not None else None
+        batch["mlm_input_ids"], batch["mlm_labels"] = self.mask_tokens(view["input_ids"].clone(), probs, word_ids, draws)
         self.stats.content_tokens += int((~special).sum())
         self.stats.selected_tokens += int((batch["mlm_labels"] != -100).sum())
         self.stats.expected_selected += float(probs.sum())
         return batch
 
+    def _keyed_draws(self, features: Sequence[dict[str, Any]], attention: torch.Tensor) -> Draws | None:
+        """Per-example keyed draws when the batch's examples carry ids (see the module docstring);
+        rows beyond the features (pool texts) and rows without an id draw from the stream."""
+        if not any(EXAMPLE_ID in f for f in features):
+            return None
+        shape, vocab = attention.shape, len(self.tokenizer)
+        # 1.0 never falls below a probability: padding is never selected whatever its draw.
+        select, replace, randomise = (torch.ones(shape) for _ in range(3))
+        words = torch.zeros(shape, dtype=torch.long)
+        for i in range(shape[0]):
+            ex = features[i].get(EXAMPLE_ID) if i < len(features) else None
+            if ex is None:
+                g = self.generator
+            else:
+                g = torch.Generator().manual_seed(example_seed(int(self.seed or 0), int(ex), self.epoch))
+            pos = attention[i].nonzero().squeeze(1)  # the row's tokens, wherever the padding is
+            for t in (select, replace, randomise):
+                t[i, pos] = torch.rand(len(pos), generator=g)
+            words[i, pos] = torch.randint(vocab, (len(pos),), generator=g)
+        return Draws(select, replace, randomise, words)
+
     def mask_tokens(
-        self, inputs: torch.Tensor, probs: torch.Tensor, word_ids: torch.Tensor | None = None
+        self, inputs: torch.Tensor, probs: torch.Tensor, word_ids: torch.Tensor | None = None,
+        draws: Draws | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 1-4 above; ``probs`` already zero where masking is not allowed."""
+        """Steps 1-4 above; ``probs`` already zero where masking is not allowed. With ``draws``
+        each Bernoulli(p) is ``u < p`` on the given variates, else a draw on the stream."""
+        if draws is not None:
+            return self._mask_with(inputs, probs, word_ids, draws)
         spec, g = self.strategy.spec, self.generator
         labels = inputs.clone()
         selected = torch.bernoulli(probs, generator=g).bool()
@@ -172,4 +225,25 @@ class MaskingCollator:
         randomised = torch.bernoulli(torch.full(labels.shape, scaled), generator=g).bool() & selected & ~replaced
         random_words = torch.randint(len(self.tokenizer), labels.shape, dtype=torch.long, generator=g)
         inputs[randomised] = random_words[randomised]
+        return inputs, labels
+
+    def _mask_with(
+        self, inputs: torch.Tensor, probs: torch.Tensor, word_ids: torch.Tensor | None, draws: Draws
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mask_tokens`` on precomputed variates (the keyed path)."""
+        spec = self.strategy.spec
+        labels = inputs.clone()
+        selected = draws.select < probs
+        if word_ids is not None:
+            selected = selected.gather(1, first_token_of_word(word_ids)) & (probs > 0)
+        labels[~selected] = -100
+        replaced = (draws.replace < spec.mask_replace) & selected
+        if self.tokenizer.mask_token_id is None:
+            raise ValueError("the tokenizer has no mask token")
+        inputs[replaced] = self.tokenizer.mask_token_id
+        if spec.mask_replace == 1 or spec.random_replace == 0:
+            return inputs, labels
+        scaled = spec.random_replace / (1 - spec.mask_replace)
+        randomised = (draws.randomise < scaled) & selected & ~replaced
+        inputs[randomised] = draws.words[randomised]
         return inputs, labels

@@ -10,6 +10,12 @@ Shards are never rewritten: ``put_many`` writes a new file (to a temporary name,
 rename), so a run killed mid-way leaves only whole shards and the rerun resumes from them. A
 changed model or setting has a different scorer key, hence a separate directory: old scores are
 never served for it. ``compact`` merges shards when there are many.
+
+Several processes (workers, Dask shards, two pipelines of one domain) may share a store: writes
+and compaction hold the key directory's ``.lock`` (``l3m.locking``), and ``put_many`` writes only
+the items no shard holds yet, so a text scored by two processes at once is stored once. Reads
+take no lock: shards appear by rename, and one removed by a concurrent ``compact`` is found again
+in the merged shard.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from l3m.locking import exclusive
 from l3m.scoring.keys import item_key
 
 SCHEMA = pa.schema([("key", pa.string()), ("scores", pa.list_(pa.float32()))])
+LOCK_FILE = ".lock"
 
 
 class ScoreStore:
@@ -51,19 +59,25 @@ class ScoreStore:
         index = self._index.setdefault(scorer_key, {})
         seen = self._seen.setdefault(scorer_key, set())
         d = self._dir(scorer_key)
-        if not d.is_dir():
-            return index
-        for part in sorted(d.glob("part-*.parquet")):
-            if part.name in seen:
-                continue
-            table = pq.read_table(part, schema=SCHEMA)
-            keys = table.column("key").to_pylist()
-            col = table.column("scores").combine_chunks()
-            flat = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            offsets = col.offsets.to_numpy()
-            for i, k in enumerate(keys):
-                index[k] = flat[offsets[i] : offsets[i + 1]]
-            seen.add(part.name)
+        while d.is_dir():
+            vanished = False
+            for part in sorted(d.glob("part-*.parquet")):
+                if part.name in seen:
+                    continue
+                try:
+                    table = pq.read_table(part, schema=SCHEMA)
+                except FileNotFoundError:  # merged away by another process's compact: look again
+                    vanished = True
+                    continue
+                keys = table.column("key").to_pylist()
+                col = table.column("scores").combine_chunks()
+                flat = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                offsets = col.offsets.to_numpy()
+                for i, k in enumerate(keys):
+                    index[k] = flat[offsets[i] : offsets[i + 1]]
+                seen.add(part.name)
+            if not vanished:
+                break
         return index
 
     def get_many(self, scorer_key: str, items: Sequence[tuple[str, str | None]]) -> list[np.ndarray | None]:
@@ -79,25 +93,32 @@ class ScoreStore:
         scores: Sequence[np.ndarray],
         meta: dict[str, Any] | None = None,
     ) -> Path | None:
-        """Append one shard holding these items' scores; returns its path (None if empty)."""
+        """Append one shard holding these items' scores; returns its path (None when every item was
+        already stored, by this or another process)."""
         if len(items) != len(scores):
             raise ValueError(f"{len(items)} items but {len(scores)} score arrays")
         if not items:
             return None
         keys = [item_key(scorer_key, t, p) for t, p in items]
         arrays = [np.asarray(s, dtype=np.float32) for s in scores]
-        table = _table(keys, arrays)
         d = self._dir(scorer_key)
-        with self._lock:
-            d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True)
+        with self._lock, exclusive(d / LOCK_FILE):
             meta_path = d / "meta.json"
             if meta and not meta_path.exists():
                 _atomic_write(meta_path, json.dumps(meta, indent=2, sort_keys=True).encode())
-            name = _write_shard(d, table)
-            index = self._index.setdefault(scorer_key, {})
+            # Under the lock, with every shard written so far loaded: keep only keys no shard
+            # holds yet (another process may have scored the same texts meanwhile).
+            index = self._refresh(scorer_key)
+            new: dict[str, np.ndarray] = {}
             for k, a in zip(keys, arrays, strict=True):
-                index[k] = a
-            self._seen.setdefault(scorer_key, set()).add(name)
+                if k not in index:
+                    new.setdefault(k, a)
+            if not new:
+                return None
+            name = _write_shard(d, _table(list(new), list(new.values())))
+            index.update(new)
+            self._seen[scorer_key].add(name)
         return d / name
 
     def count(self, scorer_key: str) -> int:
@@ -113,15 +134,17 @@ class ScoreStore:
     def compact(self, scorer_key: str) -> int:
         """Merge all shards of a key into one (atomic swap); returns the number of rows kept."""
         d = self._dir(scorer_key)
-        with self._lock:
+        if not d.is_dir():
+            return 0
+        # The inter-process lock: a shard another process writes while the merged one is built
+        # would otherwise be deleted without being merged.
+        with self._lock, exclusive(d / LOCK_FILE):
             index = self._refresh(scorer_key)
             old = sorted(d.glob("part-*.parquet"))
-        if len(old) <= 1:
-            return len(index)
-        keys = list(index)
-        table = _table(keys, [index[k] for k in keys])
-        with self._lock:
-            name = _write_shard(d, table)
+            if len(old) <= 1:
+                return len(index)
+            keys = list(index)
+            name = _write_shard(d, _table(keys, [index[k] for k in keys]))
             for p in old:
                 p.unlink(missing_ok=True)
             self._seen[scorer_key] = {name}
