@@ -28,16 +28,28 @@ from typing import Any
 import numpy as np
 
 from l3m.config import MaskingSpec, RunConfig, TunerSpec, load_config
-from l3m.data.loading import LoadedDomain, encode_kwargs, load_domain, load_unlabelled
+from l3m.data.loading import LoadedDomain, encode_kwargs, load_domain
 from l3m.data.snapshot import load_snapshot
 from l3m.evaluate import majority_baseline
 from l3m.identity import RunKey, digest, experiment_dir, experiment_id, run_key
+from l3m.inputs import (
+    current_score_key,
+    l3_rates,
+    needed_train_rows,
+    needs_scores,
+    prepare_inputs,
+    train_items,
+    write_token_view,
+)
 from l3m.locking import exclusive
 from l3m.results import write_results
-from l3m.train import RUN_RECORD, RunRecord, TrainInputs, train_one, train_rows
+from l3m.train import RUN_RECORD, RunRecord, TrainInputs, train_one
+
+# Re-exported: the flows and benches use them through this module.
+__all__ = ["RunKey", "TrainInputs", "load_domain", "needed_train_rows", "needs_scores", "plan_runs",
+           "prepare_inputs", "run_experiment", "run_planned", "tabulate", "train_items", "write_token_view"]
 
 Log = Callable[[str], None]
-MLM_SCORED = ("l3",)  # strategies that read the vanilla scores
 
 
 def _spec(cfg: RunConfig, kind: str) -> MaskingSpec:
@@ -48,107 +60,11 @@ def _tuner(cfg: RunConfig, kind: str) -> TunerSpec:
     return next(t for t in cfg.tuners if t.kind == kind)
 
 
-def needs_scores(cfg: RunConfig) -> bool:
-    return any(s.kind in MLM_SCORED for s in cfg.strategies)
-
-
-def current_score_key(cfg: RunConfig) -> str | None:
-    """The key of the scores L3 runs would read (no scoring: a hash of model files and settings)."""
-    if not needs_scores(cfg):
-        return None
-    from l3m.scoring import scorer_key
-
-    sc, m = cfg.scoring, cfg.model
-    return scorer_key(m.resolved(), m.revision, sc.metric, m.max_length, sc.mode, sc.stride)
-
-
-def data_identity(loaded: LoadedDomain, unlabelled: list[str] | None) -> str:
-    """The labelled snapshot's fingerprint, plus the unlabelled corpus when runs use it."""
-    return loaded.fingerprint if unlabelled is None else digest([loaded.fingerprint, unlabelled])[:16]
-
-
 def plan_runs(cfg: RunConfig, data_fingerprint: str) -> list[tuple[RunKey, dict[str, Any]]]:
     """Every planned run with its identity, in table order (strategy, tuner, seed)."""
     score_key = current_score_key(cfg)
     return [run_key(cfg, s, t, seed, data_fingerprint, score_key)
             for s in cfg.strategies for t in cfg.tuners for seed in cfg.training.seeds]
-
-
-def needed_train_rows(cfg: RunConfig, n_rows: int) -> list[int]:
-    """Train rows any planned seed trains on (all of them unless ``training.train_limit``)."""
-    rows: set[int] = set()
-    for seed in cfg.training.seeds:
-        rows.update(train_rows(n_rows, cfg.training.train_limit, seed))
-    return sorted(rows)
-
-
-def train_items(loaded: LoadedDomain) -> list[tuple[str, str | None]]:
-    train = loaded.dataset["train"]
-    pairs = list(train["text_pair"]) if loaded.has_pair else [None] * train.num_rows
-    return list(zip(list(train["text"]), pairs, strict=True))
-
-
-def score_train(cfg: RunConfig, loaded: LoadedDomain) -> tuple[list[np.ndarray | None], str]:
-    """Vanilla token log-likelihoods of the train rows runs train on (None elsewhere)."""
-    items = train_items(loaded)
-    rows = needed_train_rows(cfg, len(items))
-    arrays, key = score_items(cfg, [items[i] for i in rows])
-    out: list[np.ndarray | None] = [None] * len(items)
-    for i, a in zip(rows, arrays, strict=True):
-        out[i] = a
-    return out, key
-
-
-def score_items(cfg: RunConfig, items: list[tuple[str, str | None]]) -> tuple[list[np.ndarray], str]:
-    from l3m.scoring import ScoreStore, score_texts, scorer_key
-
-    sc, model = cfg.scoring, cfg.model
-    store = ScoreStore(cfg.score_store_dir())
-    arrays = score_texts(items, model=model.resolved(), metric=sc.metric, max_length=model.max_length,
-                         mode=sc.mode, stride=sc.stride, dtype=sc.dtype, device=sc.device,
-                         token_budget=sc.token_budget, store=store, revision=model.revision)
-    key = scorer_key(model.resolved(), model.revision, sc.metric, model.max_length, sc.mode, sc.stride)
-    return list(arrays), key
-
-
-def prepare_inputs(cfg: RunConfig, loaded: LoadedDomain | None = None, log: Log = print) -> TrainInputs:
-    loaded = loaded or load_domain(cfg.domain)
-    inputs = TrainInputs(loaded)
-    if needs_scores(cfg):
-        n = len(needed_train_rows(cfg, loaded.dataset["train"].num_rows))
-        log(f"scores: {n} of {loaded.dataset['train'].num_rows} train texts ({cfg.scoring.metric}, {cfg.scoring.mode})")
-        inputs.token_logp, inputs.score_key = score_train(cfg, loaded)
-    if cfg.training.use_unlabelled:
-        inputs.unlabelled = loaded.unlabelled if loaded.unlabelled is not None else load_unlabelled(cfg.domain)
-        if not inputs.unlabelled:
-            raise ValueError(f"{cfg.domain.name}: training.use_unlabelled is set but the domain has no unlabelled corpus")
-        if inputs.token_logp is not None:
-            log(f"scores: {len(inputs.unlabelled)} unlabelled texts")
-            inputs.unlabelled_logp, _ = score_items(cfg, [(t, None) for t in inputs.unlabelled])
-    inputs.data_fingerprint = data_identity(loaded, inputs.unlabelled)
-    return inputs
-
-
-def l3_rates(token_logp: list[np.ndarray], rate: float) -> dict[str, float]:
-    """Expected masking rate of the paper and calibrated mappings over the scored texts."""
-    import torch
-
-    from l3m.masking.l3 import calibrated_probs, paper_probs, surprisal
-
-    totals = {"paper": 0.0, "calibrated": 0.0, "tokens": 0.0, "texts_below_r": 0}
-    for a in token_logp:
-        lp = torch.from_numpy(np.array(a, dtype=np.float32))[None, :]
-        content = torch.isfinite(lp)
-        s = surprisal(lp, content)
-        pap = float(paper_probs(s, content, rate).sum())
-        totals["paper"] += pap
-        totals["calibrated"] += float(calibrated_probs(s, content, rate).sum())
-        totals["tokens"] += float(content.sum())
-        totals["texts_below_r"] += int(pap < rate * float(content.sum()) - 1e-3)
-    n = max(totals["tokens"], 1.0)
-    return {"target": rate, "paper_expected_rate": totals["paper"] / n,
-            "calibrated_expected_rate": totals["calibrated"] / n,
-            "texts": len(token_logp), "texts_where_paper_falls_short": totals["texts_below_r"]}
 
 
 def _rater_key(cfg: RunConfig, data_fingerprint: str) -> RunKey:
@@ -186,26 +102,6 @@ def selective_masks(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, log: Log
     for i, m in zip(rows, picked, strict=True):
         masks[i] = m
     return masks
-
-
-def write_token_view(cfg: RunConfig, inputs: TrainInputs, exp_dir: Path, n: int = 8) -> Path | None:
-    if inputs.token_logp is None:
-        return None
-    from transformers import AutoTokenizer
-
-    from l3m.tokenview import write_token_view as write
-
-    tok = AutoTokenizer.from_pretrained(cfg.model.resolved())
-    rows = [i for i, a in enumerate(inputs.token_logp) if a is not None][:n]
-    items = train_items(inputs.loaded)
-    toks = [tok.convert_ids_to_tokens(tok(*items[i], **encode_kwargs(cfg.model.max_length))["input_ids"]) for i in rows]
-    names = list(inputs.loaded.dataset["train"]["label_name"])
-    rate = next((s.rate for s in cfg.strategies if s.kind == "l3"), 0.15)
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    scores = [a for a in (inputs.token_logp[i] for i in rows) if a is not None]
-    return write(exp_dir / "tokenview.html", toks, scores, rate=rate,
-                 titles=[f"train[{i}] label={names[i]}" for i in rows],
-                 heading=f"{cfg.domain.name}: vanilla surprisal and L3 masking probability ({cfg.model.name_or_path})")
 
 
 def run_planned(cfg: RunConfig, key: RunKey, inputs: TrainInputs, out_dir: Path, log: Log = print) -> RunRecord:

@@ -304,7 +304,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     strategy = build_masking(masking)
     missing = [c for c in strategy.columns if c not in train_ds.column_names]
     if missing:
-        raise ValueError(f"masking {masking.kind!r} needs column(s) {missing}; see l3m.experiment.prepare_inputs")
+        raise ValueError(f"masking {masking.kind!r} needs column(s) {missing}; see l3m.inputs.prepare_inputs")
 
     pool = None
     if t_cfg.use_unlabelled and strategy.uses_mlm:

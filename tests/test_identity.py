@@ -9,6 +9,7 @@ from test_training import _fake_logp, domain, tiny_model  # noqa: F401  (fixture
 from transformers import AutoTokenizer
 
 from l3m import experiment
+from l3m import inputs as inputs_module
 from l3m.config import RunConfig
 from l3m.identity import experiment_id
 from l3m.train import RUN_RECORD, train_one
@@ -76,7 +77,7 @@ def test_experiment_id_is_the_set_of_its_runs(domain, tiny_model, tmp_path):  # 
 def test_changed_config_trains_anew_unchanged_reuses_and_no_foreign_resume(domain, tiny_model, tmp_path,  # noqa: F811
                                                                           monkeypatch):
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    monkeypatch.setattr(experiment, "score_train", lambda cfg, loaded: (_fake_logp(loaded, tok), "fake-key"))
+    monkeypatch.setattr(inputs_module, "score_train", lambda cfg, loaded: (_fake_logp(loaded, tok), "fake-key"))
     quiet = lambda s: None  # noqa: E731
     cfg = _cfg(domain, tiny_model, tmp_path)
     first = experiment.run_experiment(cfg, log=quiet)

@@ -11,6 +11,7 @@ from test_training import _fake_logp, domain, tiny_model  # noqa: F401  (fixture
 from transformers import AutoTokenizer
 
 from l3m import experiment, results
+from l3m import inputs as inputs_module
 from l3m.config import RunConfig
 from l3m.evaluate import majority_baseline
 from l3m.identity import RunKey
@@ -75,7 +76,7 @@ def test_run_experiment_end_to_end(domain, tiny_model, tmp_path, monkeypatch):  
                     training={"epochs": 1, "batch_size": 16, "seeds": [1, 2], "fp16_on_cuda": False},
                     output_dir=str(tmp_path))
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    monkeypatch.setattr(experiment, "score_train", lambda cfg, loaded: (_fake_logp(loaded, tok), "fake-key"))
+    monkeypatch.setattr(inputs_module, "score_train", lambda cfg, loaded: (_fake_logp(loaded, tok), "fake-key"))
     out = experiment.run_experiment(cfg, log=lambda s: None)
     keys = [k for k, _ in experiment.plan_runs(cfg, experiment.load_domain(domain).fingerprint)]
     assert json.loads(out["json"].read_text())["runs"] == [k.name for k in keys]
