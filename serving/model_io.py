@@ -201,7 +201,7 @@ def predict(
     Encoding is the project-wide ``tokenizer(text, text_pair, truncation=True,
     max_length=meta.max_length)`` so served predictions equal offline ones. A batch is sorted
     by length and cut into forward passes of at most ``chunk_tokens`` padded tokens: padding a
-    whole adaptive batch to its longest text wasted more compute (measured ~2x on
+    whole merged batch to its longest text wasted more compute (measured ~2x on
     citation_intent, lengths 10-128) than batching saved.
 
     ``dtype`` other than float32 runs the forward under autocast (bf16 on CPUs with AMX /

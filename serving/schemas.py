@@ -1,7 +1,7 @@
 """Request/response types and limits of the classification service.
 
 All input validation is expressed in these pydantic types on purpose: BentoML validates the
-request body against them *before* a request joins an adaptive batch, so one bad request is
+request body against them *before* a request joins a batch, so one bad request is
 answered 400 on its own instead of failing every request batched with it.
 """
 
