@@ -337,6 +337,21 @@ def test_asgi_readyz_follows_is_ready(asgi_client):
     assert asgi_client.get("/readyz").status_code == 200
 
 
+def test_asgi_full_queue_is_503_with_retry_after(asgi_client):
+    import bentoml
+
+    batcher = bentoml.get_current_service().batcher
+    limit = batcher.max_queue_texts
+    batcher.max_queue_texts = 0  # as if the queue were full
+    try:
+        r = asgi_client.post("/classify", json={"texts": ["fine"]})
+    finally:
+        batcher.max_queue_texts = limit
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "overloaded" in r.json()["error"]
+    assert asgi_client.post("/classify", json={"texts": ["fine"]}).status_code == 200
+
+
 # ---------------------------------------------------------------- which model is served ------
 
 
