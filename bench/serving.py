@@ -292,6 +292,15 @@ def sequential_p50(url: str, texts: list[str], n: int = 30) -> float:
     return round(statistics.median(seconds) * 1000, 1)
 
 
+def worker_rss_mb(proc: subprocess.Popen) -> float:
+    """Resident memory of the server's worker process(es), MB (the 1 MB texts once left ~1.8 GB)."""
+    import psutil
+
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+    return round(sum(p.memory_info().rss for p in workers) / 1e6, 1)
+
+
 def hostile_bench(work: Path, tag: str, texts: list[str], args: argparse.Namespace) -> dict:
     """One server (batching on): clean run, the same with 10% hostile requests, a clean run
     again right after; lone-client latency before and after."""
@@ -300,6 +309,7 @@ def hostile_bench(work: Path, tag: str, texts: list[str], args: argparse.Namespa
     try:
         wait_ready(proc, url)
         asyncio.run(run_load(url, texts, args.warmup, 16))
+        rss_before = worker_rss_mb(proc)
         before = sequential_p50(url, texts)
         results = []
         for mode, hostile in (("clean", False), ("10% hostile", True), ("clean, right after", False)):
@@ -308,9 +318,11 @@ def hostile_bench(work: Path, tag: str, texts: list[str], args: argparse.Namespa
             print(json.dumps(r), flush=True)
             results.append(r)
         after = sequential_p50(url, texts)
+        rss_after = worker_rss_mb(proc)
     finally:
         stop(proc)
     return {"results": results, "lone_client_p50_ms": {"fresh": before, "after the three runs": after},
+            "worker_rss_mb": {"after warm-up": rss_before, "after the three runs": rss_after},
             "log_tracebacks": (work / "hostile.log").read_text(errors="replace").count("Traceback")}
 
 
@@ -325,7 +337,9 @@ def hostile_markdown(report: dict) -> str:
                      f"{r['status_5xx'] + r.get('hostile_5xx', 0)} | {expected} |")
     p50 = report["lone_client_p50_ms"]
     lines.append(f"\nLone client p50: {p50['fresh']} ms fresh, {p50['after the three runs']} ms after the runs; "
-                 f"tracebacks in the server log: {report['log_tracebacks']}")
+                 f"tracebacks in the server log: {report['log_tracebacks']}; worker RSS "
+                 f"{report['worker_rss_mb']['after warm-up']} MB after warm-up, "
+                 f"{report['worker_rss_mb']['after the three runs']} MB after the runs")
     return "\n".join(lines)
 
 
