@@ -50,8 +50,8 @@ class Settings:
             max_body_bytes=_env_int("L3M_MAX_BODY_BYTES", 1 << 20),
             batching=os.environ.get("L3M_BATCHING", "on").lower() not in ("0", "off", "false", "no"),
             max_batch_size=_env_int("L3M_MAX_BATCH_SIZE", 64),
-            # Far above any legitimate concurrency (one worker runs about a batch of 64 texts a
-            # second on 2 cores): a queue this long only builds when arrivals outrun the model.
+            # Far above any legitimate concurrency (32 x 64 texts): a queue this long only builds
+            # when arrivals outrun the model for many seconds, which is what 503 should mean.
             max_queue_texts=_env_int("L3M_MAX_QUEUE_TEXTS", 2048),
             max_text_chars=_env_int("L3M_MAX_TEXT_CHARS", 0),
             body_timeout_s=float(os.environ.get("L3M_BODY_TIMEOUT_S") or 10),
