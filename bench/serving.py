@@ -1,7 +1,13 @@
-"""Serving benchmark: adaptive batching on vs off (batch size 1), side by side, on loopback.
+"""Serving benchmark: batching on vs off (batch size 1), side by side, on loopback; or hostile.
 
     .venv/bin/python bench/serving.py                       # builds a throwaway model + store
     .venv/bin/python bench/serving.py --model-dir runs/... --requests 2000 --levels 1,8,32
+    .venv/bin/python bench/serving.py --hostile --requests 2000 --levels 32
+
+``--hostile`` (issue #17): one server, 2,000 requests at the top level three times in a row:
+clean, with every 10th request hostile (a 1 MB text, non-JSON content types, malformed JSON and
+UTF-8, a text with no content tokens, a body over the limit; each status checked), and clean
+again; plus a lone client's median latency before and after.
 
 Two `bentoml serve` processes are started on 127.0.0.1 (L3M_BATCHING=on / off, same model);
 this process is the load generator (asyncio + httpx), a bounded number of requests per
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -102,22 +109,66 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # only the process group this script started
 
 
-async def run_load(url: str, texts: list[str], n: int, concurrency: int, offset: int = 0) -> dict:
-    """n requests, at most `concurrency` in flight; one text per request. Raw measurements."""
+HOSTILE_EVERY = 10  # every 10th request is hostile: 10% of the load
+HOSTILE_TEXT_CHARS = 1_000_000  # a ~1 MB text: inside the default 1 MiB body limit
+
+
+def hostile_request(k: int) -> tuple[str, bytes, dict[str, str], int]:
+    """The k-th hostile request: (kind, body, headers, expected status). The issue #17 cases."""
+    kinds = _hostile_kinds()
+    return kinds[k % len(kinds)]
+
+
+@functools.cache
+def _hostile_kinds() -> list[tuple[str, bytes, dict[str, str], int]]:
+    # Built once: the load generator shares the cores with the server, so re-encoding a 1 MB
+    # body per request would slow the server's measurement down.
+    js = {"content-type": "application/json"}
+    kinds: list[tuple[str, bytes, dict[str, str], int]] = [
+        ("1 MB text", json.dumps({"texts": ["We use the parser of Collins ( 1997 ) . " * (HOSTILE_TEXT_CHARS // 40)]})
+         .encode(), js, 200),
+        ("multipart, no boundary", b"xx", {"content-type": "multipart/form-data"}, 415),
+        ("text/plain", b'{"texts": ["a"]}', {"content-type": "text/plain"}, 415),
+        ("no content-type", b'{"texts": ["a"]}', {}, 415),
+        ("malformed JSON", b'{"texts": ["unterminated', js, 400),
+        ("zero-token text", json.dumps({"texts": ["\u200b\u200e\x00\ue000"]}).encode(), js, 400),
+        ("invalid UTF-8", b'{"texts": ["\xff\xfe"]}', js, 400),
+        ("body over the limit", b'{"texts": ["' + b"w " * (1 << 20) + b'"]}', js, 413),
+    ]
+    return kinds
+
+
+async def run_load(url: str, texts: list[str], n: int, concurrency: int, offset: int = 0,
+                   hostile: bool = False) -> dict:
+    """n requests, at most `concurrency` in flight; one text per request. Raw measurements.
+    With ``hostile``, every HOSTILE_EVERY-th request is a hostile one instead (not timed; its
+    status is checked against the expected one)."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    hostile_seen: dict[str, dict[int, int]] = {}
+    unexpected = 0
     errors = 0
     counter = iter(range(offset, offset + n))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
         async def worker() -> None:
-            nonlocal errors
+            nonlocal errors, unexpected
             for i in counter:  # shared iterator: the whole run is bounded by n
-                body = {"texts": [texts[i % len(texts)]]}
+                if hostile and i % HOSTILE_EVERY == HOSTILE_EVERY - 1:
+                    kind, body, headers, expected = hostile_request(i // HOSTILE_EVERY)
+                    try:
+                        code = (await client.post("/classify", content=body, headers=headers)).status_code
+                    except httpx.HTTPError:
+                        code = 0
+                    seen = hostile_seen.setdefault(kind, {})
+                    seen[code] = seen.get(code, 0) + 1
+                    unexpected += code != expected
+                    continue
+                body_json = {"texts": [texts[i % len(texts)]]}
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/classify", json=body)
+                    r = await client.post("/classify", json=body_json)
                     statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
                 except httpx.HTTPError:
                     errors += 1
@@ -127,7 +178,8 @@ async def run_load(url: str, texts: list[str], n: int, concurrency: int, offset:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {"latencies": latencies, "statuses": statuses, "errors": errors, "wall": wall}
+    return {"latencies": latencies, "statuses": statuses, "errors": errors, "wall": wall,
+            "hostile": hostile_seen, "hostile_unexpected": unexpected}
 
 
 def summarize(runs: list[dict], concurrency: int) -> dict:
@@ -148,7 +200,20 @@ def summarize(runs: list[dict], concurrency: int) -> dict:
         "wall_s": round(wall, 3), "throughput_rps": round(ok / wall, 1),
         "p50_ms": round(q[49] * 1000, 1), "p99_ms": round(q[98] * 1000, 1),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if latencies else 0.0,
-    }
+    } | _hostile_summary(runs)
+
+
+def _hostile_summary(runs: list[dict]) -> dict:
+    seen: dict[str, dict[int, int]] = {}
+    for r in runs:
+        for kind, codes in r.get("hostile", {}).items():
+            for code, v in codes.items():
+                seen.setdefault(kind, {})[code] = seen.get(kind, {}).get(code, 0) + v
+    if not seen:
+        return {}
+    return {"hostile": seen, "hostile_requests": sum(sum(c.values()) for c in seen.values()),
+            "hostile_unexpected": sum(r.get("hostile_unexpected", 0) for r in runs),
+            "hostile_5xx": sum(v for c in seen.values() for code, v in c.items() if code >= 500)}
 
 
 def load_texts() -> list[str]:
@@ -225,6 +290,82 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sequential_p50(url: str, texts: list[str], n: int = 30) -> float:
+    """Median ms of n one-at-a-time requests: what a lone client sees (issue #17, lasting latency)."""
+    seconds = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for i in range(n):
+            t0 = time.perf_counter()
+            client.post("/classify", json={"texts": [texts[i]]}).raise_for_status()
+            seconds.append(time.perf_counter() - t0)
+    return round(statistics.median(seconds) * 1000, 1)
+
+
+def _workers(proc: subprocess.Popen) -> list:
+    import psutil
+
+    return [p for p in psutil.Process(proc.pid).children(recursive=True)
+            if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+
+
+def worker_rss_mb(proc: subprocess.Popen) -> float:
+    """Resident memory of the server's worker process(es), MB (the 1 MB texts once left ~1.8 GB)."""
+    return round(sum(p.memory_info().rss for p in _workers(proc)) / 1e6, 1)
+
+
+def worker_cpu_s(proc: subprocess.Popen) -> float:
+    """CPU seconds the worker(s) used so far: per request, it does not depend on how much of the
+    shared cores other tenants took, unlike latency and throughput."""
+    return sum(t.user + t.system for t in (p.cpu_times() for p in _workers(proc)))
+
+
+def hostile_bench(work: Path, tag: str, texts: list[str], args: argparse.Namespace) -> dict:
+    """One server (batching on): clean run, the same with 10% hostile requests, a clean run
+    again right after; lone-client latency before and after."""
+    c = max(int(x) for x in args.levels.split(","))
+    proc, url = start_server(work / "bentoml", tag, True, work / "hostile.log", args.max_batch_size, args.dtype)
+    try:
+        wait_ready(proc, url)
+        asyncio.run(run_load(url, texts, args.warmup, 16))
+        rss_before = worker_rss_mb(proc)
+        before = sequential_p50(url, texts)
+        results = []
+        for mode, hostile in (("clean", False), ("10% hostile", True), ("clean, right after", False)):
+            cpu0 = worker_cpu_s(proc)
+            r = summarize([asyncio.run(run_load(url, texts, args.requests, c, hostile=hostile))], c) | {"mode": mode}
+            r["requests"] = args.requests
+            r["server_cpu_ms_per_request"] = round((worker_cpu_s(proc) - cpu0) / args.requests * 1000, 1)
+            r["load_average_1m"] = round(os.getloadavg()[0], 2)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+        after = sequential_p50(url, texts)
+        rss_after = worker_rss_mb(proc)
+    finally:
+        stop(proc)
+    return {"results": results, "lone_client_p50_ms": {"fresh": before, "after the three runs": after},
+            "worker_rss_mb": {"after warm-up": rss_before, "after the three runs": rss_after},
+            "log_tracebacks": (work / "hostile.log").read_text(errors="replace").count("Traceback")}
+
+
+def hostile_markdown(report: dict) -> str:
+    lines = ["| run | requests | valid | throughput (valid req/s) | p50 (ms) | p99 (ms) | failed valid | 5xx | "
+             "hostile answered as expected | server CPU (ms/request) | load average |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        hostile_n = r.get("hostile_requests", 0)
+        expected = f"{hostile_n - r.get('hostile_unexpected', 0)}/{hostile_n}" if hostile_n else "-"
+        lines.append(f"| {r['mode']} | {r['requests']} | {r['ok'] + r['errors'] + r['non_200']} | "
+                     f"{r['throughput_rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors'] + r['non_200']} | "
+                     f"{r['status_5xx'] + r.get('hostile_5xx', 0)} | {expected} | "
+                     f"{r['server_cpu_ms_per_request']} | {r['load_average_1m']} |")
+    p50 = report["lone_client_p50_ms"]
+    lines.append(f"\nLone client p50: {p50['fresh']} ms fresh, {p50['after the three runs']} ms after the runs; "
+                 f"tracebacks in the server log: {report['log_tracebacks']}; worker RSS "
+                 f"{report['worker_rss_mb']['after warm-up']} MB after warm-up, "
+                 f"{report['worker_rss_mb']['after the three runs']} MB after the runs")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, help="trained model directory (default: base MLM + fresh head)")
@@ -235,6 +376,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="alternating rounds per level")
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--dtype", default="float32", help="L3M_DTYPE of both servers: float32 or bfloat16 (autocast)")
+    ap.add_argument("--hostile", action="store_true",
+                    help="clean / 10%% hostile / clean-again runs at the highest level on one server")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/serving.json"))
     args = ap.parse_args()
     levels = sorted(int(x) for x in args.levels.split(","))
@@ -246,6 +389,14 @@ def main() -> None:
     model_dir = args.model_dir or build_bench_model(work / "model")
     tag = registry.register(model_dir).tag
     texts = load_texts()
+    if args.hostile:
+        report = hostile_bench(work, tag, texts, args) | {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "model": str(model_dir), "tag": tag, "max_batch_size": args.max_batch_size, "dtype": args.dtype}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(hostile_markdown(report))
+        return
     servers = {}
     try:
         for mode, batching in (("batching", True), ("batch size 1", False)):

@@ -9,10 +9,15 @@ full weights — is handled here once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from serving.textbound import bounded_inputs
+
+logger = logging.getLogger("l3m.serving")
 
 META_FILE = "l3m.json"
 # Keys of l3m.json the registry and the service rely on (architecture.md, "Trained model directory").
@@ -172,9 +177,13 @@ def serving_dtype(name: str, device_type: str) -> str:
     amp = amp_dtype(name)
     if amp is None or device_type != "cpu":
         return name
-    from l3m.scoring.onednn import cpu_dtype
+    from serving.cpu_probe import low_precision_supported
 
-    return str(cpu_dtype(amp, "serving")).removeprefix("torch.")
+    if low_precision_supported(amp):
+        return name
+    logger.warning("serving: %s requested, but this CPU has no oneDNN %s kernel (needs AVX512-BF16, AMX or "
+                   "AVX-NE-CONVERT); using float32", name, name)
+    return "float32"
 
 
 def predict(
@@ -185,27 +194,34 @@ def predict(
     pairs: list[str] | None = None,
     chunk_tokens: int = CHUNK_TOKENS,
     dtype: str = "float32",
+    max_chars: int | None = None,
 ) -> list[dict[str, Any]]:
     """Label, score, probability map and truncation flag per text, in input order.
 
     Encoding is the project-wide ``tokenizer(text, text_pair, truncation=True,
     max_length=meta.max_length)`` so served predictions equal offline ones. A batch is sorted
     by length and cut into forward passes of at most ``chunk_tokens`` padded tokens: padding a
-    whole adaptive batch to its longest text wasted more compute (measured ~2x on
+    whole merged batch to its longest text wasted more compute (measured ~2x on
     citation_intent, lengths 10-128) than batching saved.
 
     ``dtype`` other than float32 runs the forward under autocast (bf16 on CPUs with AMX /
     AVX512-BF16, or on GPUs): weights stay float32, matmuls run in the low dtype. Not bit-equal
     to the float32 evaluation; docs/serving.md has the measured agreement.
+
+    A long text is first replaced by a prefix that provably encodes the same
+    (``serving.textbound``), so the tokenizer's work per text is bounded; ``max_chars`` (the
+    service's per-text limit) refuses texts for which no such prefix exists within it, None
+    (offline use) tokenizes them whole.
     """
     import torch
 
     amp = amp_dtype(dtype)
     if not texts:
         return []
+    texts, pairs, cut = bounded_inputs(tokenizer, meta.max_length, max_chars, texts, pairs)
     enc = tokenizer(texts, pairs, truncation=True, max_length=meta.max_length)
     ids = enc["input_ids"]
-    truncated = _truncated_flags(tokenizer, meta.max_length, texts, pairs, ids)
+    truncated = _truncated_flags(tokenizer, meta.max_length, texts, pairs, ids, cut)
     probs: list[list[float]] = [[] for _ in texts]
     for chunk in _length_chunks([len(x) for x in ids], chunk_tokens):
         batch = tokenizer.pad({k: [enc[k][i] for i in chunk] for k in enc}, return_tensors="pt")
@@ -246,12 +262,14 @@ def _length_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
 
 
 def _truncated_flags(
-    tokenizer: Any, max_length: int, texts: list[str], pairs: list[str] | None, ids: list[list[int]]
+    tokenizer: Any, max_length: int, texts: list[str], pairs: list[str] | None, ids: list[list[int]],
+    cut: list[bool],
 ) -> list[bool]:
-    # Only rows that came out at exactly max_length can have been cut; re-encode just those
-    # without truncation instead of paying a second full tokenization for every request.
-    flags = [False] * len(texts)
-    full_rows = [i for i, row in enumerate(ids) if len(row) >= max_length]
+    # A row whose text was cut to a prefix is known to be truncated. Of the others, only rows that
+    # came out at exactly max_length can have been cut; re-encode just those without truncation
+    # (their texts are bounded: a long text that was not cut was refused or is within max_chars).
+    flags = list(cut)
+    full_rows = [i for i, row in enumerate(ids) if len(row) >= max_length and not cut[i]]
     if not full_rows:
         return flags
     sub_pairs = [pairs[i] for i in full_rows] if pairs is not None else None

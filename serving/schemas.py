@@ -1,13 +1,14 @@
 """Request/response types and limits of the classification service.
 
 All input validation is expressed in these pydantic types on purpose: BentoML validates the
-request body against them *before* a request joins an adaptive batch, so one bad request is
+request body against them *before* a request joins a batch, so one bad request is
 answered 400 on its own instead of failing every request batched with it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -31,9 +32,12 @@ class Settings:
     domain: str  # L3M_DOMAIN
     max_texts: int  # L3M_MAX_TEXTS: texts per request
     max_body_bytes: int  # L3M_MAX_BODY_BYTES: request body size limit (413 above it)
-    batching: bool  # L3M_BATCHING=off serves every request on its own (batch size 1)
-    max_batch_size: int  # L3M_MAX_BATCH_SIZE: texts per adaptive batch
-    max_latency_ms: int  # L3M_MAX_LATENCY_MS: BentoML sheds (503) requests queued longer than this
+    batching: bool  # L3M_BATCHING=off serves every request on its own (no merging)
+    max_batch_size: int  # L3M_MAX_BATCH_SIZE: texts per merged batch (whole requests)
+    max_queue_texts: int  # L3M_MAX_QUEUE_TEXTS: texts waiting beyond this are refused 503 + Retry-After
+    max_text_chars: int  # L3M_MAX_TEXT_CHARS: per-text character limit (0: 32 x the model's max_length)
+    body_timeout_s: float  # L3M_BODY_TIMEOUT_S: a body not received within this is answered 408
+    workers: int  # L3M_WORKERS: worker processes, each with its own model copy
     torch_threads: int  # L3M_TORCH_THREADS: intra-op threads of the worker (0: torch's default)
     dtype: str  # L3M_DTYPE: float32 (default; equals offline evaluation) or bfloat16/float16 autocast
 
@@ -46,9 +50,12 @@ class Settings:
             max_body_bytes=_env_int("L3M_MAX_BODY_BYTES", 1 << 20),
             batching=os.environ.get("L3M_BATCHING", "on").lower() not in ("0", "off", "false", "no"),
             max_batch_size=_env_int("L3M_MAX_BATCH_SIZE", 64),
-            # Generous on purpose: shedding load shows up as 5xx, and the latency/throughput
-            # trade-off is governed by the batch size, not by this cut-off.
-            max_latency_ms=_env_int("L3M_MAX_LATENCY_MS", 30_000),
+            # Far above any legitimate concurrency (32 x 64 texts): a queue this long only builds
+            # when arrivals outrun the model for many seconds, which is what 503 should mean.
+            max_queue_texts=_env_int("L3M_MAX_QUEUE_TEXTS", 2048),
+            max_text_chars=_env_int("L3M_MAX_TEXT_CHARS", 0),
+            body_timeout_s=float(os.environ.get("L3M_BODY_TIMEOUT_S") or 10),
+            workers=_env_int("L3M_WORKERS", 1),
             # 1 by default: on a shared 2-core host, 2 OpenMP threads spin-waiting on each other
             # made a single-text forward pass 15-25x slower under co-tenant load (35 ms -> 550-880
             # ms, docs/serving.md). Scale with workers, not threads.
@@ -90,10 +97,33 @@ def _listify(value: Any) -> Any:
     return [value] if isinstance(value, str | dict) else value
 
 
-def texts_type(text_pair: bool, max_texts: int) -> Any:
-    """The ``texts`` field type for a domain: plain texts, or pairs (object or 2-list)."""
+# Checks one item against the model (its tokenizer): (text, text_pair or None) -> None, raising
+# ValueError with the client's message. See serving.textbound.
+ItemCheck = Callable[[str, str | None], None]
+
+
+def texts_type(text_pair: bool, max_texts: int, check: ItemCheck | None = None) -> Any:
+    """The ``texts`` field type for a domain: plain texts, or pairs (object or 2-list).
+
+    ``check`` runs per item during validation, i.e. before the request is queued for the model,
+    so a text the model cannot take is a 400 of its own request only.
+    """
     item: Any = TextPair | tuple[Text, Text] if text_pair else Text
+    if check is not None:
+        item = Annotated[item, AfterValidator(_item_checker(check))]
     return Annotated[list[item], BeforeValidator(_listify), Field(min_length=1, max_length=max_texts)]
+
+
+def _item_checker(check: ItemCheck) -> Callable[[Any], Any]:
+    def run(item: Any) -> Any:
+        if isinstance(item, str):
+            check(item, None)
+        else:
+            a, b = (item.text, item.text_pair) if isinstance(item, TextPair) else item
+            check(a, b)
+        return item
+
+    return run
 
 
 def split_items(items: list[Any]) -> tuple[list[str], list[str] | None]:

@@ -8,13 +8,14 @@ the tag the build packaged, else the production version of ``L3M_DOMAIN`` (defau
 The tag is resolved at import, because BentoML needs the ``BentoModel`` at class scope to
 package it into a bento. Other knobs: see ``serving.schemas.Settings``.
 
-Endpoints: ``POST /classify`` (adaptive batching), ``GET /metadata``, and BentoML's
-``/livez`` / ``/readyz`` (``__is_ready__`` is False until the model is loaded and warmed up).
+Endpoints: ``POST /classify`` (micro-batched, ``serving.batcher``), ``GET /metadata``, and
+BentoML's ``/livez`` / ``/readyz`` (``__is_ready__`` is False until the model is loaded and
+warmed up). Request hygiene (size, content type, JSON, slow uploads) is ``serving.guard``; the
+per-text bound and the content check are ``serving.textbound``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -22,11 +23,15 @@ from pathlib import Path
 import bentoml
 from bentoml.models import BentoModel
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.responses import JSONResponse
 
+from serving.batcher import MicroBatcher, Overloaded
+from serving.guard import RequestGuard, install_client_error_log_filter
 from serving.model_io import load_classifier, predict, read_meta, serving_dtype
 from serving.registry import production_tag
 from serving.schemas import Metadata, Prediction, Settings, split_items, texts_type
+from serving.textbound import default_max_chars, item_check
+from serving.workers import register_worker, unregister_worker
 
 logger = logging.getLogger("l3m.serving")
 
@@ -66,67 +71,29 @@ def resolve_model_tag(settings: Settings, service_file: Path = Path(__file__)) -
 MODEL_TAG = resolve_model_tag(SETTINGS)
 # The request type depends on the model: pair domains take (text, text_pair) items. Read from
 # the active BentoML store (the bento's own store when running from a built bento).
-_META = read_meta(bentoml.models.get(MODEL_TAG).path)
-Texts = texts_type(_META.text_pair, SETTINGS.max_texts)
+_MODEL_PATH = bentoml.models.get(MODEL_TAG).path
+_META = read_meta(_MODEL_PATH)
+MAX_TEXT_CHARS = SETTINGS.max_text_chars or default_max_chars(_META.max_length)
 
 
-class BodyLimitMiddleware:
-    """413 for request bodies over ``max_bytes``, whether announced by Content-Length or streamed.
+def _request_tokenizer() -> object:
+    # Its own instance for request validation on the event loop: a fast tokenizer shared with
+    # the batch thread can fail ("Already borrowed") when both use it at once.
+    from transformers import AutoTokenizer
 
-    The body is buffered here (bounded) and replayed to the app: raising from inside BentoML's
-    endpoint would be turned into a 500 by its generic error handler.
-    """
+    return AutoTokenizer.from_pretrained(_MODEL_PATH)
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._reject(send)
-                return
-            chunks.append(chunk)
-            more = msg.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for disconnect like a real stream
-
-        await self.app(scope, replay, send)
-
-    async def _reject(self, send: Send) -> None:
-        payload = json.dumps({"error": f"request body larger than {self.max_bytes} bytes"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+Texts = texts_type(_META.text_pair, SETTINGS.max_texts,
+                   item_check(_request_tokenizer(), _META.max_length, MAX_TEXT_CHARS))
+install_client_error_log_filter()
 
 
 info_app = FastAPI(title="l3m metadata")
 
 
 @bentoml.asgi_app(info_app, path="/")
-@bentoml.service(name="l3m_classifier", workers=1, traffic={"timeout": 120})
+@bentoml.service(name="l3m_classifier", workers=SETTINGS.workers, traffic={"timeout": 120})
 class L3MClassifier:
     bento_model = BentoModel(MODEL_TAG)
 
@@ -134,6 +101,8 @@ class L3MClassifier:
         import torch
 
         self._ready = False
+        install_client_error_log_filter()  # again: BentoML configures logging after import
+        register_worker()
         if SETTINGS.torch_threads > 0:
             torch.set_num_threads(SETTINGS.torch_threads)
         self.tag = str(self.bento_model.tag)
@@ -143,23 +112,35 @@ class L3MClassifier:
         # that should not land on a user's request.
         warm_pair = ["warm up"] if self.meta.text_pair else None
         predict(self.model, self.tokenizer, self.meta, ["warm up"], warm_pair, dtype=self.dtype)
+        self.batcher = MicroBatcher(self._predict, SETTINGS.max_batch_size if SETTINGS.batching else 1,
+                                    SETTINGS.max_queue_texts)
         self._ready = True
-        logger.info("loaded %s (batching=%s, torch threads=%d, dtype=%s)",
-                    self.tag, SETTINGS.batching, torch.get_num_threads(), self.dtype)
+        logger.info("loaded %s (batching=%s, torch threads=%d, dtype=%s, max text chars=%d)",
+                    self.tag, SETTINGS.batching, torch.get_num_threads(), self.dtype, MAX_TEXT_CHARS)
 
     def __is_ready__(self) -> bool:
         return self._ready
 
-    @bentoml.api(
-        route="/classify",
-        batchable=SETTINGS.batching,
-        max_batch_size=SETTINGS.max_batch_size,
-        max_latency_ms=SETTINGS.max_latency_ms,
-    )
-    def classify(self, texts: Texts) -> list[Prediction]:  # type: ignore[valid-type]  # built from the model's metadata
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.batcher.close()
+        unregister_worker()
+
+    def _predict(self, texts: list[str], pairs: list[str] | None) -> list[dict[str, object]]:
+        return predict(self.model, self.tokenizer, self.meta, texts, pairs, dtype=self.dtype,
+                       max_chars=MAX_TEXT_CHARS)
+
+    @bentoml.api(route="/classify")
+    async def classify(self, texts: Texts) -> list[Prediction]:  # type: ignore[valid-type]  # built from the model's metadata
         """Classify one text or a list (pairs for pair domains): label, score, probabilities."""
         plain, pairs = split_items(texts)
-        preds = predict(self.model, self.tokenizer, self.meta, plain, pairs, dtype=self.dtype)
+        try:
+            preds = await self.batcher.submit(plain, pairs)
+        except Overloaded as e:
+            logger.warning("503 overloaded: %s", e)
+            # A Response is passed through by BentoML as is; the declared type documents the 200.
+            return JSONResponse({"error": f"overloaded: {e}; retry later"}, status_code=503,  # type: ignore[return-value]
+                                headers={"Retry-After": "1"})
         return [Prediction(**p) for p in preds]
 
     @info_app.get("/metadata")
@@ -175,4 +156,5 @@ class L3MClassifier:
 
 
 # The service decorator adds add_asgi_middleware at runtime; its stubs do not declare it.
-L3MClassifier.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)  # type: ignore[attr-defined]
+L3MClassifier.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_body_bytes,  # type: ignore[attr-defined]
+                                  body_timeout_s=SETTINGS.body_timeout_s)

@@ -3,7 +3,7 @@
 Training stores the offline evaluation's per-example predictions in the model directory
 (``predictions/<split>.jsonl``: input, gold, predicted label, probabilities), and the registry
 copies them into the store with the weights. This module sends those inputs to a live
-``/classify`` endpoint — several texts per request and several requests in flight, so adaptive
+``/classify`` endpoint — several texts per request and several requests in flight, so the
 batching mixes them the way production traffic does — and compares label by label.
 """
 

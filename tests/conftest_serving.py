@@ -199,3 +199,43 @@ def offline_predictions(model_dir: Path, texts: list[str]) -> list[dict[str, Any
         best = max(range(len(row)), key=row.__getitem__)
         out.append({"label": names[best], "probabilities": dict(zip(names, row, strict=True))})
     return out
+
+
+@contextlib.contextmanager
+def bentoml_server(target: str, cwd: Path, env: dict[str, str], log_path: Path,
+                   ready_timeout: float = 180) -> Iterator[tuple[str, Any]]:
+    """A real ``bentoml serve TARGET`` on 127.0.0.1 (free port), ready: ``(url, Popen)``.
+    Stopped with SIGINT, then SIGKILL of its own process group if it does not exit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import pytest
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + ready_timeout  # bounded: a slow, shared CPU, not a hang
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready in time:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this helper started, nothing else
+            proc.wait(timeout=10)

@@ -57,6 +57,8 @@ def test_production_bento_is_named_for_the_domain_and_built_once(home, tmp_path)
     assert "torch==2.13.0" in reqs
     assert not (bento_dir / "env" / "python" / "requirements.lock.txt").exists()
 
+    _bento_code_runs_without_the_library(bento_dir / "src")
+
     mtime = (bento_dir / "bento.yaml").stat().st_mtime
     assert build_bento(res.tag) == (res.tag, False)  # nothing changed: nothing built
     assert bento_dirs(home) == [bento_dir] and (bento_dir / "bento.yaml").stat().st_mtime == mtime
@@ -117,3 +119,19 @@ def test_built_bento_serves_its_packaged_tag_not_the_ledger_production(home, tmp
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the group this test started, nothing else
             proc.wait(timeout=10)
+
+
+def _bento_code_runs_without_the_library(src: Path) -> None:
+    """Every serving module the service imports is packaged, and the bf16 probe (which used to
+    import l3m lazily) answers inside the bento, where only serving/ exists."""
+    import re
+
+    imported = set(re.findall(r"^from serving\.(\w+) import", (ROOT / "serving" / "service.py").read_text(), re.M))
+    assert imported and all((src / "serving" / f"{m}.py").is_file() for m in imported), imported
+    code = ("import sys; sys.modules['l3m'] = None; import serving.model_io as m; "
+            "assert m.__file__.startswith(sys.argv[1]), m.__file__; print(m.serving_dtype('bfloat16', 'cpu'))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code, str(src)], cwd=src, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] in ("bfloat16", "float32")

@@ -1,0 +1,176 @@
+"""What a request body must be before BentoML parses it: bounded, timely, JSON.
+
+BentoML picks its body parser from the content type (multipart, form, ...) and turns any error
+raised inside its endpoint into a 500, so the checks a client can fail are made here, in an ASGI
+middleware, each answered with its own 4xx and one log line (issue #17):
+
+* 413 for bodies over ``max_bytes`` (declared by Content-Length or streamed);
+* 415 for a content type other than ``application/json`` (or none);
+* 408 for a body not fully received within ``body_timeout_s`` (a stalled upload would otherwise
+  hold its connection open), and the connection is closed;
+* 400 for bytes that are not a JSON object (undecodable, malformed, too deeply nested).
+
+The body is buffered (bounded by ``max_bytes``) and replayed to the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("l3m.serving")
+
+JSON_MEDIA_TYPE = "application/json"
+
+
+class ClientError(Exception):
+    """A request refused before it reaches the service: status and message for the client."""
+
+    def __init__(self, status: int, message: str, close: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await self._checked_body(scope, receive)
+        except ClientError as e:
+            logger.warning("client error %d on %s %s: %s", e.status, scope["method"], scope["path"], e.message)
+            await _reply(send, e)
+            return
+        if body is None:  # the client went away while sending
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for disconnect like a real stream
+
+        await self.app(scope, replay, send)
+
+    async def _checked_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            raise ClientError(413, f"request body larger than {self.max_bytes} bytes")
+        check_media_type(headers.get(b"content-type"))
+        body = await self._read(receive)
+        if body is not None:
+            check_json_object(body)
+        return body
+
+    async def _read(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + self.body_timeout_s
+        while True:
+            try:
+                msg = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                raise ClientError(408, f"request body not received within {self.body_timeout_s:g} s",
+                                  close=True) from None
+            if msg["type"] == "http.disconnect":
+                return None
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise ClientError(413, f"request body larger than {self.max_bytes} bytes")
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(chunks)
+
+
+def check_media_type(header: bytes | None) -> None:
+    """415 unless the content type is application/json (parameters such as charset allowed)."""
+    if header is None:
+        raise ClientError(415, f"no content-type header; send {JSON_MEDIA_TYPE}")
+    media = header.decode("latin-1").split(";")[0].strip().lower()
+    if media != JSON_MEDIA_TYPE:
+        raise ClientError(415, f"content-type {media!r} is not supported; send {JSON_MEDIA_TYPE}")
+
+
+def check_json_object(body: bytes) -> None:
+    """400 unless ``body`` is a JSON object; the field checks are the schema's (serving.schemas)."""
+    try:
+        value = json.loads(body)
+    except UnicodeDecodeError as e:
+        raise ClientError(400, f"body is not UTF-8 text: byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise ClientError(400, f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ClientError(400, "body is not valid JSON: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise ClientError(400, f"body must be a JSON object with a 'texts' field, not {type(value).__name__}")
+
+
+async def _reply(send: Send, error: ClientError) -> None:
+    payload = json.dumps({"error": error.message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if error.close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class ClientErrorLogFilter(logging.Filter):
+    """BentoML logs every request it answers 4xx with a full traceback (~2 KB per bad request):
+    keep such records, but as one line naming the error; 5xx tracebacks are left whole."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        status = _client_status(exc)
+        if exc is None or status is None:
+            return True
+        path = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg = "client error %d on %s: %s"
+        record.args = (status, path, _one_line(exc))
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _client_status(exc: BaseException | None) -> int | None:
+    from bentoml.exceptions import BentoMLException
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return 400
+    if isinstance(exc, BentoMLException) and int(exc.error_code.value) < 500:
+        return int(exc.error_code.value)
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        first = exc.errors(include_url=False, include_context=False, include_input=False)[0]
+        where = ".".join(str(x) for x in first["loc"])
+        return f"{exc.error_count()} validation error(s); {where}: {first['msg']}"[:300]
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def install_client_error_log_filter() -> None:
+    """On the logger BentoML's endpoint wrapper reports request errors with (log_exception)."""
+    target = logging.getLogger("bentoml._internal.server.http_app")
+    if not any(isinstance(f, ClientErrorLogFilter) for f in target.filters):
+        target.addFilter(ClientErrorLogFilter())
