@@ -22,7 +22,9 @@ def test_score_flow_on_a_local_dask_cluster(prefect_harness, toy_domain, tiny_ml
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({
         "domain": toy_domain(), "model": {"name_or_path": str(tiny_mlm_dir), "max_length": 32},
-        "scoring": {"shard_size": 20, "store_dir": str(tmp_path / "scores"), "device": "cpu"},
+        "scoring": {"shard_size": 20, "store_dir": str(tmp_path / "scores"), "device": "cpu",
+                    "shift_summary": True},  # all three splits: 90 texts over 5 shards
+        "output_dir": str(tmp_path / "out"),
     }))
     flow = score_with_dask(n_workers=2)
     first = flow(str(cfg))
