@@ -92,8 +92,20 @@ class ValidationSpec(Strict):
     min_rows_per_split: int = 10
     min_examples_per_class: int = 5
     max_imbalance_ratio: float = 50.0
-    # Per-check severity overrides, e.g. {train_test_leakage: warning}; see validation.CHECKS.
+    # Per-check severity overrides, e.g. {train_test_leakage: warning}; see checks.CHECKS.
     severity: dict[str, Severity] = Field(default_factory=dict)
+
+    @field_validator("severity")
+    @classmethod
+    def _known_checks(cls, v: dict[str, Severity]) -> dict[str, Severity]:
+        # A misspelt check name would otherwise be ignored silently. Imported here: the checks
+        # module imports this one.
+        from l3m.data.checks import CHECKS
+
+        unknown = sorted(set(v) - set(CHECKS))
+        if unknown:
+            raise ValueError(f"unknown check(s) {unknown}; the checks are {sorted(CHECKS)}")
+        return v
 
 
 class DomainConfig(Strict):

@@ -78,3 +78,12 @@ def test_flows_give_the_ephemeral_prefect_server_time_to_create_its_database(tmp
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "45"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) == 45
+
+
+def test_a_misspelt_check_name_in_severity_is_an_error_naming_the_checks(tmp_path):
+    p = tmp_path / "d.yaml"
+    p.write_text("name: d\nsplits: {train: {path: t.jsonl}}\nvalidation: {severity: {train_test_leakge: warning}}\n")
+    with pytest.raises(ConfigError, match=r"validation.severity: .*unknown check\(s\) \['train_test_leakge'\].*train_test_leakage"):
+        load_config(p)
+    p.write_text("name: d\nsplits: {train: {path: t.jsonl}}\nvalidation: {severity: {train_test_leakage: warning}}\n")
+    assert load_config(p).domain.validation.severity == {"train_test_leakage": "warning"}
