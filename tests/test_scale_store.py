@@ -1,7 +1,9 @@
 """Shared stores written by several processes at once: the score store, the ledger, the lock.
 
-Each test starts real OS processes (multiprocessing, fork) that write the same store together,
+Each test starts real OS processes (multiprocessing, spawn) that write the same store together,
 the way two Prefect workers or Dask shards do, and checks nothing was lost or stored twice.
+Spawned, not forked: a child forked from a pytest process that earlier ran Prefect flows
+inherited their state and exited 1 before running its target.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from l3m.scoring.store import ScoreStore
 from serving.ledger import locked_ledger, read_ledger
 
 KEY = "scorer-abc"
-CTX = mp.get_context("fork")
+CTX = mp.get_context("spawn")
 
 
 def _items(lo: int, hi: int) -> list[tuple[str, str | None]]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import write_jsonl
 from conftest_serving import offline_predictions
-from test_serving import client, env, server  # noqa: F401  (fixtures reused with this module's `home`)
+from test_serving import client, env, server, server_log  # noqa: F401  (fixtures reused with this module's `home`)
 
 from l3m.config import DomainConfig, MaskingSpec, RunConfig, TunerSpec
 from l3m.data.loading import load_domain
