@@ -7,18 +7,15 @@ set here, a missing `uv` fails the test instead of being fetched (install it wit
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from conftest_serving import build_tiny_model_dir, copy_with_dev, free_port
+from conftest_serving import bentoml_server, build_tiny_model_dir, copy_with_dev
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAIN = "citation_intent"
@@ -91,34 +88,11 @@ def test_built_bento_serves_its_packaged_tag_not_the_ledger_production(home, tmp
     newer = registry.register(copy_with_dev(base, tmp_path / "b", 0.6))
     assert newer.promoted and registry.production_tag(DOMAIN) == newer.tag != packaged
 
-    port = free_port()
     env = os.environ | {"L3M_TORCH_THREADS": "1"}
     env.pop("L3M_MODEL_TAG", None)
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", packaged, "--host", "127.0.0.1",
-                                 "--port", str(port)], cwd=tmp_path, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180  # bounded: a slow, shared CPU, not a hang
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bento server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"bento server not ready in time:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        meta = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=30).json()
+    with bentoml_server(packaged, tmp_path, env, tmp_path / "serve.log") as (url, _):
+        meta = httpx.get(f"{url}/metadata", timeout=30).json()
         assert meta["model_tag"] == packaged
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started, nothing else
-            proc.wait(timeout=10)
 
 
 def _bento_code_runs_without_the_library(src: Path) -> None:
