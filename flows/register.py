@@ -108,7 +108,7 @@ def register_task(model_dir: str, promote_margin: float = 0.0, snapshot_dir: str
     return res.to_dict()
 
 
-@flow(name="register", log_prints=True)
+@flow(name="register")
 def register(model_dir: str, promote_margin: float = 0.0, snapshot_dir: str | None = None) -> dict[str, Any]:
     """Register ``model_dir`` (a trained model directory) as ``l3m-<domain>`` and maybe promote it.
 

@@ -227,7 +227,7 @@ def test_a_1mib_text_is_answered_truncated_within_2s(client):
     r = client.post("/classify", json={"texts": [text]})
     elapsed = time.perf_counter() - t0
     assert r.status_code == 200 and r.json()[0]["truncated"] is True
-    assert elapsed < 2.0, elapsed  # the unbounded tokenizer took ~4.6 s for this (issue #17)
+    assert elapsed < 2.0, elapsed  # the unbounded tokenizer took seconds here (issue #17)
 
 
 def test_text_longer_than_the_limit_without_enough_words_is_400(client):
@@ -286,7 +286,7 @@ def test_mixed_load_with_oversized_texts_keeps_p99_and_leaves_no_503s(server):
     p99_clean = _p99([s for _, s, _ in clean])
     p99_mixed = _p99([s for i, s, _ in mixed if mixed_bodies[i] is not huge])
     assert p99_mixed <= 2 * p99_clean, (p99_mixed, p99_clean)
-    # Right after the oversized requests: a burst is served, not shed (was 170-188 x 503 of 200).
+    # Right after the oversized requests: a burst is served, not shed (issue #17: most of a burst got 503).
     burst = _timed_posts(server, normal[:72] * 2, 48)
     assert [code for _, _, code in burst] == [200] * len(burst)
 

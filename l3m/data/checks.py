@@ -79,7 +79,7 @@ class Runner:
     """One ephemeral GX context; one pandas asset + suite per validated table."""
 
     def __init__(self) -> None:
-        import great_expectations as gx  # ~2 s import: only when validating
+        import great_expectations as gx  # a slow import: only when validating
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
         self.gx = gx

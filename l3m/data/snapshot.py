@@ -28,6 +28,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from l3m.config import DomainConfig, RunConfig
 from l3m.data.loading import LABEL, PAIR, SPLITS, TEXT, LoadedDomain, PreparedDomain, build_domain
+from l3m.scoring.keys import file_digest
 
 MANIFEST = "manifest.json"
 SNAPSHOTS_DIR = "snapshots"
@@ -41,14 +42,10 @@ def _digest_file(location: str) -> str:
         # URLs hash by address (their bytes are not fetched twice); a missing file by name
         # (reading it fails with its own message right after).
         return "location:" + location
-    h = hashlib.sha256()
     try:
-        with p.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        return file_digest(p)  # the score keys' digest, cached per (path, size, mtime)
     except OSError:  # unreadable: reading the split next reports it with its own message
         return "unreadable:" + location
-    return h.hexdigest()
 
 
 def code_digest() -> str:
