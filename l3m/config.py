@@ -147,6 +147,11 @@ class ModelSpec(Strict):
     name_or_path: str = "minilm-l6-mlm"
     revision: str | None = None
     max_length: int = Field(128, ge=8, le=4096)
+    # The classification head. "auto": the checkpoint's own sequence-classification head (BERT:
+    # pooler -> dropout -> linear; RoBERTa: dropout -> dense+tanh -> dropout -> linear).
+    # "authors": the L3Masking authors' head, CLS -> dropout -> dense+tanh -> dropout -> linear,
+    # freshly initialised (l3m.optim.apply_head; the exported model stays a plain transformers one).
+    head: Literal["auto", "authors"] = "auto"
 
     def resolved(self) -> str:
         """A bare name that exists under the model root resolves there (offline default)."""
@@ -197,19 +202,40 @@ class TunerSpec(Strict):
     mask_lr: float = 1e-3
 
 
+class Stage2Spec(Strict):
+    """Classification-only fine-tuning from the best stage-1 checkpoint (L3Masking's second stage:
+    the paper's numbers are after it). Constant lr, dev metric every epoch, early stopping; its
+    result replaces stage 1's only when its best dev score is higher (the authors' rule)."""
+
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(5e-6, gt=0)
+    patience: int = Field(3, ge=1)
+
+
 class TrainingSpec(Strict):
-    seeds: list[int] = Field(default_factory=lambda: [1])
+    # Result runs default to 5 seeds: the results table's confidence intervals need them.
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], min_length=1)
     epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1
+    max_steps: int = -1  # > 0: a step budget (optimizer steps) that overrides epochs
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(5e-5, gt=0)
+    lr: float = Field(5e-5, gt=0)  # encoder (and MLM head)
     weight_decay: float = 0.01
+    # The classification head's own lr / weight decay (None: as the encoder). The authors train
+    # a fresh head at 1e-3 with weight decay 0.1 against 1e-4 for the pretrained encoder.
+    head_lr: float | None = Field(None, gt=0)
+    head_weight_decay: float | None = Field(None, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
     warmup_ratio: float = 0.06
     mlm_weight: float = Field(1.0, ge=0)  # lambda in L = L_cls + lambda * L_mlm
     use_unlabelled: bool = False
-    early_stopping_patience: int = 3
-    eval_steps: int | None = None
+    # Counted in evaluations: epochs, or eval_steps optimizer steps when that is set.
+    early_stopping_patience: int = Field(3, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    stage2: Stage2Spec | None = None
     fp16_on_cuda: bool = True
     train_limit: int | None = Field(None, ge=1)  # subsample train (smoke runs)
 
@@ -237,6 +263,10 @@ class RunConfig(Strict):
             kinds = [s.kind for s in specs]
             if len(kinds) != len(set(kinds)):
                 raise ValueError(f"{name} repeat a kind: {kinds}")
+        others = [t.kind for t in self.tuners if t.kind != "full"]
+        if self.training.stage2 is not None and others:
+            raise ValueError(f"training.stage2 runs with the full tuner only (the paper's recipe); remove it or "
+                             f"the tuners {others}")
         return self
 
     def resolved_output_dir(self) -> Path:

@@ -40,7 +40,8 @@ def model_identity(cfg: RunConfig) -> dict[str, Any]:
     from l3m.scoring.keys import model_fingerprint
 
     m = cfg.model
-    return {"name": m.name_or_path, "files": model_fingerprint(m.resolved(), m.revision), "max_length": m.max_length}
+    return {"name": m.name_or_path, "files": model_fingerprint(m.resolved(), m.revision), "max_length": m.max_length,
+            "head": m.head}
 
 
 def run_identity(cfg: RunConfig, strategy: MaskingSpec, tuner: TunerSpec, seed: int, data_fingerprint: str,

@@ -54,6 +54,8 @@ from l3m.evaluate import (
 from l3m.masking import MaskingCollator, build_masking
 from l3m.masking.collator import EXAMPLE_ID
 from l3m.modeling import build_multitask_model
+from l3m.optim import apply_head, param_groups
+from l3m.stage2 import STAGE2_DIR, run_stage2
 from l3m.trainer import LossParts, MaskingEpoch, MultiTaskTrainer, StepTimer
 from l3m.tuning import build_tuner
 
@@ -98,6 +100,9 @@ class RunRecord:
     model_dir: str = ""
     run_id: str = ""
     train_rows: int = 0
+    # Per stage ("stage1", and "stage2" when configured): dev/test scores at that stage's best
+    # dev checkpoint, its steps, and which stage's model the run kept.
+    stages: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -231,6 +236,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     torch.manual_seed(seed)  # classifier head init is part of the seed
     model: nn.Module = build_multitask_model(base, loaded.label_names, with_mlm=strategy.uses_mlm,
                                   mlm_weight=t_cfg.mlm_weight, revision=cfg.model.revision)
+    apply_head(model, cfg.model.head)
     collator = MaskingCollator(tokenizer, strategy, seed=seed, mlm_pool=pool)
     eval_collator = MaskingCollator(tokenizer, build_masking(MaskingSpec(kind="none")))
 
@@ -253,14 +259,17 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         output_dir=str(out_dir / "checkpoints"), seed=seed, data_seed=seed,
         per_device_train_batch_size=t_cfg.batch_size, per_device_eval_batch_size=max(64, t_cfg.batch_size),
         gradient_accumulation_steps=t_cfg.grad_accum, learning_rate=t_cfg.lr, weight_decay=t_cfg.weight_decay,
+        adam_beta1=t_cfg.adam_beta1, adam_beta2=t_cfg.adam_beta2, adam_epsilon=t_cfg.adam_epsilon,
+        max_grad_norm=t_cfg.max_grad_norm,
         warmup_steps=int(total * t_cfg.warmup_ratio), num_train_epochs=t_cfg.epochs, max_steps=t_cfg.max_steps,
         save_total_limit=2, load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True,
         logging_steps=max(1, min(50, steps_per_epoch // 2)), report_to=[], remove_unused_columns=False,
         label_names=["labels"], dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         **strategy_kw, **_mixed_precision(cfg),
     )
-    groups = tuner.optimizer_param_groups(model, t_cfg.lr, t_cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=t_cfg.lr) if groups else None
+    groups = param_groups(model, t_cfg, tuner.optimizer_param_groups(model, t_cfg.lr, t_cfg.weight_decay))
+    optimizer = torch.optim.AdamW(groups, lr=t_cfg.lr, betas=(t_cfg.adam_beta1, t_cfg.adam_beta2),
+                                  eps=t_cfg.adam_epsilon)
     timer = StepTimer()
     trainer = MultiTaskTrainer(
         model=model, args=args, data_collator=collator, eval_collator=eval_collator,
@@ -272,15 +281,18 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     ckpts = sorted((out_dir / "checkpoints").glob("checkpoint-*")) if resume else []
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if ckpts else None)
+    reports, records = evaluate_splits(trainer, encoded, loaded)
+    stages: dict[str, Any] = {"stage1": stage_summary(trainer, reports), "kept": "stage1"}
+    if t_cfg.stage2 is not None:
+        trainer2, best2 = run_stage2(trainer.model, t_cfg, t_cfg.stage2, train_ds, encoded["dev"], eval_collator,
+                                     tokenizer, out_dir, seed, metric, _mixed_precision(cfg), resume=resume)
+        reports2, records2 = evaluate_splits(trainer2, encoded, loaded)
+        stages["stage2"] = stage_summary(trainer2, reports2)
+        # The authors' rule: stage 2 replaces stage 1 only when its best dev score is higher.
+        best1 = trainer.state.best_metric
+        if best1 is None or best2 > best1:
+            trainer, reports, records, stages["kept"] = trainer2, reports2, records2, "stage2"
     train_seconds = time.perf_counter() - t0
-
-    reports, records = {}, {}
-    for split in ("dev", "test"):
-        pred = trainer.predict(encoded[split])
-        reports[split] = full_report(pred.label_ids, pred.predictions.argmax(-1), loaded.label_names)
-        rows = loaded.dataset[split]
-        pairs = rows[PAIR] if loaded.has_pair else None
-        records[split] = prediction_records(pred.predictions, pred.label_ids, loaded.label_names, rows[TEXT], pairs)
     model_dir = out_dir / "model"
     if trainer.model is None:
         raise RuntimeError("the trainer lost its model")
@@ -300,7 +312,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         "score_key": inputs.score_key if masking.kind == "l3" else None,
         "max_length": cfg.model.max_length, "text_pair": loaded.has_pair, "code_version": code_version(),
         "run_id": run_id, "train_rows": len(rows),
-        "masking_stats": collator.stats.as_dict(), "export": exported,
+        "masking_stats": collator.stats.as_dict(), "export": exported, "stages": stages,
     }
     (model_dir / "l3m.json").write_text(json.dumps(meta, indent=2))
     (out_dir / "report.md").write_text(
@@ -313,13 +325,35 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         masking=collator.stats.as_dict(), train_seconds=round(train_seconds, 2),
         median_step_seconds=statistics.median(timer.times) if timer.times else 0.0,
         global_steps=trainer.state.global_step, best_checkpoint=trainer.state.best_model_checkpoint,
-        model_dir=str(model_dir), run_id=run_id, train_rows=len(rows),
+        model_dir=str(model_dir), run_id=run_id, train_rows=len(rows), stages=stages,
     )
     record.save(record_path)
     if not keep_checkpoints:
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out_dir / STAGE2_DIR, ignore_errors=True)
     barrier()
     return record
+
+
+def evaluate_splits(trainer: MultiTaskTrainer, encoded: DatasetDict, loaded: LoadedDomain
+                    ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Full dev/test reports and per-example prediction records of the trainer's current model."""
+    reports, records = {}, {}
+    for split in ("dev", "test"):
+        pred = trainer.predict(encoded[split])
+        reports[split] = full_report(pred.label_ids, pred.predictions.argmax(-1), loaded.label_names)
+        rows = loaded.dataset[split]
+        pairs = rows[PAIR] if loaded.has_pair else None
+        records[split] = prediction_records(pred.predictions, pred.label_ids, loaded.label_names, rows[TEXT], pairs)
+    return reports, records
+
+
+def stage_summary(trainer: MultiTaskTrainer, reports: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "metrics": {s: {k: r[k] for k in ("accuracy", "macro_f1", "n")} for s, r in reports.items()},
+        "global_steps": trainer.state.global_step, "best_dev": trainer.state.best_metric,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+    }
 
 
 def loaded_metric(cfg: RunConfig) -> str:

@@ -34,6 +34,10 @@ def test_every_input_of_a_run_changes_its_identity(domain, tiny_model, tmp_path)
         "lr": _cfg(domain, tiny_model, tmp_path, lr=1e-4),
         "train_limit": _cfg(domain, tiny_model, tmp_path, train_limit=20),
         "max_steps": _cfg(domain, tiny_model, tmp_path, max_steps=7),
+        "head_lr": _cfg(domain, tiny_model, tmp_path, head_lr=1e-3),
+        "adam_beta2": _cfg(domain, tiny_model, tmp_path, adam_beta2=0.98),
+        "stage2": _cfg(domain, tiny_model, tmp_path, stage2={"epochs": 3}),
+        "head": base.model_copy(update={"model": base.model.model_copy(update={"head": "authors"})}),
     }
     for what, cfg in changed.items():
         new = _ids(cfg)
