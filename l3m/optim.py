@@ -55,11 +55,11 @@ def param_groups(model: nn.Module, t_cfg: TrainingSpec,
         if "lr" in group and group["lr"] != t_cfg.lr:  # a tuner's own group (mask scores): as given
             out.append({**group, "params": params})
             continue
-        no_decay = group.get("weight_decay", None) == 0.0
+        undecayed = group.get("weight_decay", None) == 0.0
         body = [p for p in params if by_id.get(id(p)) not in head]
         heads = [p for p in params if by_id.get(id(p)) in head]
-        out.append({**group, "params": body, "lr": t_cfg.lr, "weight_decay": 0.0 if no_decay else t_cfg.weight_decay})
-        out.append({**group, "params": heads, "lr": head_lr, "weight_decay": 0.0 if no_decay else head_wd})
+        out.append({**group, "params": body, "lr": t_cfg.lr, "weight_decay": 0.0 if undecayed else t_cfg.weight_decay})
+        out.append({**group, "params": heads, "lr": head_lr, "weight_decay": 0.0 if undecayed else head_wd})
     return [g for g in out if g["params"]]
 
 

@@ -284,7 +284,7 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     reports, records = evaluate_splits(trainer, encoded, loaded)
     stages: dict[str, Any] = {"stage1": stage_summary(trainer, reports), "kept": "stage1"}
     if t_cfg.stage2 is not None:
-        trainer2, best2 = run_stage2(trainer.model, t_cfg, t_cfg.stage2, train_ds, encoded["dev"], eval_collator,
+        trainer2, best2 = run_stage2(model, t_cfg, t_cfg.stage2, train_ds, encoded["dev"], eval_collator,
                                      tokenizer, out_dir, seed, metric, _mixed_precision(cfg), resume=resume)
         reports2, records2 = evaluate_splits(trainer2, encoded, loaded)
         stages["stage2"] = stage_summary(trainer2, reports2)
