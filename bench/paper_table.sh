@@ -1,43 +1,74 @@
 #!/usr/bin/env bash
-# Reproduce docs/results.md: STL / RTM / L3 x 3 seeds on citation_intent and chemprot.
+# Reproduce docs/results.md from the paper profiles (configs/paper/<domain>-<MODEL>.yaml):
+#   1. the main table: STL / RTM / L3 x SEEDS on each domain (paired-bootstrap CIs in the table);
+#   2. the ablations on citation_intent, L3 only, ABLATION_SEEDS: fixed lambda in {0.1, 0.3, 1.0}
+#      against meta_tartan (the main table's L3 runs, reused by identity), and stage 2 off.
 #   bench/paper_table.sh [OUTPUT_ROOT]
-# The tuner table (docs/tuning.md) is the same script with other strategies/tuners/domains:
-#   STRATS='strategies=[{kind: none}, {kind: l3}]' \
-#   TUNERS='tuners=[{kind: child_f}, {kind: child_d}, {kind: weight_mask}]' \
-#   DOMAINS=citation_intent bench/paper_table.sh runs/tuners
-# Env: PY (python), L3M_MODEL_ROOT / L3M_DATA_ROOT (where minilm-l6-mlm and the data live),
-#      PARALLEL=1 to train the seeds of both domains as concurrent processes (one GPU is
-#      far from busy with a 22M-parameter model), DEADLINE seconds for the training phase.
+# Env: PY (python); MODEL (minilm: the shared model, default; roberta: needs the hub);
+#      DOMAINS, SEEDS, ABLATION_SEEDS; BUDGET: extra overrides for every run (docs/results.md
+#      gives the CPU grid's); PARALLEL=1: every (domain, seed) and ablation run is its own process,
+#      all at once (one GPU is far from busy with one small model); DEADLINE: seconds per process.
+# A rerun reuses every finished run (run identity) and resumes interrupted ones, so a script
+# killed by its deadline is finished by running it again.
 set -uo pipefail
 PY=${PY:-python}
 export L3M_OUTPUT_ROOT=${1:-runs/paper}
-mkdir -p "$L3M_OUTPUT_ROOT"
-STRATS=${STRATS:-'strategies=[{kind: none}, {kind: random}, {kind: l3}]'}
-TUNERS=${TUNERS:-'tuners=[{kind: full}]'}
-COMMON=("$TUNERS" model.name_or_path=minilm-l6-mlm model.max_length=128 training.batch_size=32 training.lr=1e-4)
-declare -A EXTRA=(
-  [citation_intent]="training.epochs=20 training.early_stopping_patience=5"
-  [chemprot]="training.epochs=6 training.early_stopping_patience=3"
-)
+mkdir -p "$L3M_OUTPUT_ROOT/logs"
+MODEL=${MODEL:-minilm}
 read -r -a DOMAINS <<< "${DOMAINS:-citation_intent chemprot}"
-SEEDS=(1 2 3)
+read -r -a SEEDS <<< "${SEEDS:-1 2 3 4 5}"
+read -r -a ABL_SEEDS <<< "${ABLATION_SEEDS:-1 2 3}"
+read -r -a BUDGET <<< "${BUDGET:-}"
+L3='strategies=[{kind: l3, mode: paper}]'
+ABLATIONS=(
+  "fixed-0.1|weighting.kind=fixed training.mlm_weight=0.1"
+  "fixed-0.3|weighting.kind=fixed training.mlm_weight=0.3"
+  "fixed-1.0|weighting.kind=fixed training.mlm_weight=1.0"
+  "meta_tartan|weighting.kind=meta_tartan"
+  "no-stage2|weighting.kind=meta_tartan training.stage2=null"
+)
+seeds_list() { local IFS=,; echo "[$*]"; }
 
-for d in "${DOMAINS[@]}"; do  # score once per domain (a store read when already scored)
-  $PY -m l3m.experiment "domains/$d.yaml" "$STRATS" "${COMMON[@]}" ${EXTRA[$d]} --prepare-only || exit 1
-done
 pids=()
+launch() {  # launch LOG ARGS...: one experiment process, in the background with PARALLEL=1
+  local log=$1; shift
+  if [ "${PARALLEL:-0}" = 1 ]; then
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout "${DEADLINE:-100000}" "$@" > "$log" 2>&1 &
+    pids+=($!)
+  else
+    timeout "${DEADLINE:-100000}" "$@" > "$log" 2>&1
+  fi
+}
+
+for d in "${DOMAINS[@]}"; do  # validate + score once per domain (a store read when already done)
+  $PY -m l3m.experiment "configs/paper/$d-$MODEL.yaml" "${BUDGET[@]}" --prepare-only \
+    > "$L3M_OUTPUT_ROOT/logs/$d-prepare.log" 2>&1 || { echo "prepare $d failed: see logs"; exit 1; }
+done
 for d in "${DOMAINS[@]}"; do
   for s in "${SEEDS[@]}"; do
-    cmd=($PY -m l3m.experiment "domains/$d.yaml" "$STRATS" "${COMMON[@]}" ${EXTRA[$d]} "training.seeds=[$s]")
-    if [ "${PARALLEL:-0}" = 1 ]; then
-      OMP_NUM_THREADS=2 timeout "${DEADLINE:-100000}" "${cmd[@]}" > "$L3M_OUTPUT_ROOT/$d-seed$s.log" 2>&1 &
-      pids+=($!)
-    else
-      "${cmd[@]}" > "$L3M_OUTPUT_ROOT/$d-seed$s.log" 2>&1
-    fi
+    launch "$L3M_OUTPUT_ROOT/logs/$d-seed$s.log" \
+      $PY -m l3m.experiment "configs/paper/$d-$MODEL.yaml" "${BUDGET[@]}" "training.seeds=[$s]"
+  done
+done
+for a in "${ABLATIONS[@]}"; do
+  name=${a%%|*}; read -r -a over <<< "${a#*|}"
+  for s in "${ABL_SEEDS[@]}"; do
+    launch "$L3M_OUTPUT_ROOT/logs/ablation-$name-seed$s.log" \
+      $PY -m l3m.experiment "configs/paper/citation_intent-$MODEL.yaml" "${BUDGET[@]}" "$L3" "${over[@]}" "training.seeds=[$s]"
   done
 done
 for p in "${pids[@]}"; do wait "$p"; done
+
+# The tables: each experiment over all its seeds (every run is reused; none trains here unless
+# one was cut by the deadline, which then resumes).
 for d in "${DOMAINS[@]}"; do
-  $PY -m l3m.experiment "domains/$d.yaml" "$STRATS" "${COMMON[@]}" ${EXTRA[$d]} --summarize-only
+  $PY -m l3m.experiment "configs/paper/$d-$MODEL.yaml" "${BUDGET[@]}" "training.seeds=$(seeds_list "${SEEDS[@]}")" \
+    > "$L3M_OUTPUT_ROOT/logs/$d-table.log" 2>&1
+  grep -E "^(results|md):|^md" "$L3M_OUTPUT_ROOT/logs/$d-table.log"
+done
+for a in "${ABLATIONS[@]}"; do
+  name=${a%%|*}; read -r -a over <<< "${a#*|}"
+  $PY -m l3m.experiment "configs/paper/citation_intent-$MODEL.yaml" "${BUDGET[@]}" "$L3" "${over[@]}" \
+    "training.seeds=$(seeds_list "${ABL_SEEDS[@]}")" > "$L3M_OUTPUT_ROOT/logs/ablation-$name-table.log" 2>&1
+  echo "$name: $(grep -E '^md:' "$L3M_OUTPUT_ROOT/logs/ablation-$name-table.log")"
 done

@@ -232,6 +232,9 @@ class TrainingSpec(Strict):
     warmup_ratio: float = 0.06
     mlm_weight: float = Field(1.0, ge=0)  # lambda in L = L_cls + lambda * L_mlm
     use_unlabelled: bool = False
+    # The MLM batch: "same" = a masked copy of the classification batch's texts; "independent" =
+    # as many train texts drawn on their own (the L3Masking authors' separate MLM iterator).
+    mlm_batch: Literal["same", "independent"] = "same"
     # Counted in evaluations: epochs, or eval_steps optimizer steps when that is set.
     early_stopping_patience: int = Field(3, ge=1)
     eval_steps: int | None = Field(None, ge=1)
@@ -263,6 +266,9 @@ class RunConfig(Strict):
             kinds = [s.kind for s in specs]
             if len(kinds) != len(set(kinds)):
                 raise ValueError(f"{name} repeat a kind: {kinds}")
+        if self.training.mlm_batch == "independent" and self.training.use_unlabelled:
+            raise ValueError("training.mlm_batch=independent draws MLM texts from train; it does not combine "
+                             "with training.use_unlabelled")
         others = [t.kind for t in self.tuners if t.kind != "full"]
         if self.training.stage2 is not None and others:
             raise ValueError(f"training.stage2 runs with the full tuner only (the paper's recipe); remove it or "

@@ -28,7 +28,7 @@ RUNS_DIR = "runs"
 EXPERIMENTS_DIR = "experiments"
 # Settings that only matter to strategies with an auxiliary MLM loss: STL runs ignore them, so a
 # changed lambda must not retrain the STL baseline.
-MLM_ONLY = {"mlm_weight", "use_unlabelled"}
+MLM_ONLY = {"mlm_weight", "use_unlabelled", "mlm_batch"}
 
 
 def digest(obj: Any) -> str:

@@ -232,17 +232,21 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         if "token_logp" in strategy.columns and inputs.unlabelled_logp is None:
             raise ValueError("l3 with training.use_unlabelled needs scores of the unlabelled texts")
         pool = encode_pool(inputs, tokenizer, cfg.model.max_length)
+    elif t_cfg.mlm_batch == "independent" and strategy.uses_mlm:
+        pool = train_ds  # the MLM batch: train rows drawn on their own, with their score columns
 
     torch.manual_seed(seed)  # classifier head init is part of the seed
     model: nn.Module = build_multitask_model(base, loaded.label_names, with_mlm=strategy.uses_mlm,
                                   mlm_weight=t_cfg.mlm_weight, revision=cfg.model.revision)
     apply_head(model, cfg.model.head)
-    collator = MaskingCollator(tokenizer, strategy, seed=seed, mlm_pool=pool)
+    independent = t_cfg.mlm_batch == "independent"
+    collator = MaskingCollator(tokenizer, strategy, seed=seed, mlm_pool=pool, independent_mlm=independent)
     eval_collator = MaskingCollator(tokenizer, build_masking(MaskingSpec(kind="none")))
 
     def fisher_batches() -> Any:
         loader = torch.utils.data.DataLoader(train_ds, batch_size=t_cfg.batch_size, shuffle=True,
-                                             collate_fn=MaskingCollator(tokenizer, strategy, seed=seed, mlm_pool=pool),
+                                             collate_fn=MaskingCollator(tokenizer, strategy, seed=seed, mlm_pool=pool,
+                                                                        independent_mlm=independent),
                                              generator=torch.Generator().manual_seed(seed))
         return iter(loader)
 

@@ -48,6 +48,8 @@ def test_every_input_of_a_run_changes_its_identity(domain, tiny_model, tmp_path)
     # Settings only the MLM strategies read retrain those, not the STL baseline.
     mlm = _ids(_cfg(domain, tiny_model, tmp_path, mlm_weight=0.3))
     assert mlm[("l3", 1)] != ids[("l3", 1)] and mlm[("none", 1)] == ids[("none", 1)]
+    indep = _ids(_cfg(domain, tiny_model, tmp_path, mlm_batch="independent"))
+    assert indep[("l3", 1)] != ids[("l3", 1)] and indep[("none", 1)] == ids[("none", 1)]
     # Another score set (exact -> strided) changes L3 only.
     strided = base.model_copy(update={"scoring": base.scoring.model_copy(update={"mode": "strided"})})
     new = _ids(strided)

@@ -200,3 +200,17 @@ def test_mlm_pool_adds_unlabelled_texts(tok, kind):
         assert not sel[B:].any()
     else:
         assert sel[B:].any()
+
+
+def test_independent_mlm_batch_is_drawn_from_the_pool_alone(tok):
+    strategy = build_masking(MaskingSpec(kind="l3", rate=0.3))
+    feats = _features(tok)
+    pool = _features(tok, ["A different sentence drawn on its own for the masked LM task."] * 4, seed=5)
+    out = MaskingCollator(tok, strategy, seed=0, mlm_pool=pool, independent_mlm=True)(feats)
+    B = len(feats)
+    assert out["labels"].shape == (B,) and out["mlm_input_ids"].shape[0] == B
+    # Every MLM row is a pool text (the labels hold the original ids), none the batch's own.
+    pool_ids = {tuple(p["input_ids"]) for p in pool}
+    restored = torch.where(out["mlm_labels"] != -100, out["mlm_labels"], out["mlm_input_ids"])
+    rows = {tuple(r[m.bool()].tolist()) for r, m in zip(restored, out["mlm_attention_mask"], strict=True)}
+    assert rows <= pool_ids and not rows & {tuple(f["input_ids"]) for f in feats}

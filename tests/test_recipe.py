@@ -85,6 +85,7 @@ def test_stage2_starts_from_stage1_best_and_trains_no_mlm(domain, tiny_mlm_dir, 
 
     cfg = RunConfig(domain=domain, model={"name_or_path": str(tiny_mlm_dir), "max_length": 32, "head": "authors"},
                     training={"epochs": 2, "batch_size": 8, "lr": 1e-3, "head_lr": 3e-3, "fp16_on_cuda": False,
+                              "mlm_batch": "independent",
                               "stage2": {"epochs": 2, "lr": 1e-4, "patience": 2}},
                     output_dir=str(tmp_path))
     tok = AutoTokenizer.from_pretrained(tiny_mlm_dir)

@@ -112,6 +112,9 @@ class MaskingCollator:
     # MLM batch is the classification batch's own texts.
     mlm_pool: Sequence[dict[str, Any]] | None = None
     pool_per_batch: int | None = None  # default: as many as the batch has
+    # True: the MLM batch is drawn from the pool alone, independently of the classification
+    # batch (the L3Masking authors' setup: their MLM iterator runs over the task texts on its own).
+    independent_mlm: bool = False
     stats: MaskingStats = field(default_factory=MaskingStats)
     epoch: int = 0  # part of the keyed draws' key; the Trainer's callback advances it
 
@@ -164,7 +167,9 @@ class MaskingCollator:
             # in-domain corpus; that batch is padded on its own.
             k = self.pool_per_batch or len(features)
             picks = torch.randint(len(self.mlm_pool), (k,), generator=self.generator).tolist()
-            mlm_batch, view = self._pad(list(features) + [self.mlm_pool[i] for i in picks])
+            drawn = [self.mlm_pool[i] for i in picks]
+            features = drawn if self.independent_mlm else list(features) + drawn
+            mlm_batch, view = self._pad(features)
             batch["mlm_attention_mask"] = mlm_batch["attention_mask"]
             if "token_type_ids" in mlm_batch:
                 batch["mlm_token_type_ids"] = mlm_batch["token_type_ids"]
