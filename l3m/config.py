@@ -243,6 +243,26 @@ class TrainingSpec(Strict):
     train_limit: int | None = Field(None, ge=1)  # subsample train (smoke runs)
 
 
+# --- loss weighting (l3m.weighting) ---------------------------------------------------------
+class WeightingSpec(Strict):
+    """How the classification and MLM losses are weighted (l3m.weighting, docs/training.md).
+
+    ``fixed``: L = L_cls + training.mlm_weight * L_mlm (the default, the paper's equation).
+    ``meta_tartan``: task weights learned online against a dev head (Dery et al. 2021); the
+    other fields are its settings, with the L3Masking authors' values as defaults.
+    """
+
+    kind: Literal["fixed", "meta_tartan"] = "fixed"
+    meta_lr: float = Field(1e-2, gt=0)  # step size on the task-weight logits
+    dev_samples: int = Field(32, ge=1)  # dev rows the dev head is fitted on (once per optimizer step)
+    dev_batch_size: int = Field(64, ge=1)  # dev rows of the dev gradient (once per micro-batch)
+    head_iters: int = Field(10, ge=1)  # most AdamW iterations fitting the dev head
+    head_lr: float = Field(1e-3, gt=0)
+    head_weight_decay: float = Field(0.1, ge=0)
+    head_tol: float = Field(1e-3, ge=0)  # stop fitting when the loss changes by less than this
+# --- end loss weighting ----------------------------------------------------------------------
+
+
 class RegistrySpec(Strict):
     promote_margin: float = 0.0
     build_bento: bool = False
@@ -257,6 +277,7 @@ class RunConfig(Strict):
     strategies: list[MaskingSpec] = Field(default_factory=lambda: [MaskingSpec()])
     tuners: list[TunerSpec] = Field(default_factory=lambda: [TunerSpec()])
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    weighting: WeightingSpec = Field(default_factory=WeightingSpec)
     registry: RegistrySpec = Field(default_factory=RegistrySpec)
     output_dir: str | None = None  # default: $L3M_OUTPUT_ROOT/<domain> or ./runs/<domain>
 

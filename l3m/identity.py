@@ -61,6 +61,10 @@ def run_identity(cfg: RunConfig, strategy: MaskingSpec, tuner: TunerSpec, seed: 
         "data": data_fingerprint,
         "scores": score_key if strategy.kind == "l3" else None,
     }
+    if uses_mlm and cfg.weighting.kind != "fixed":
+        # Learned weights change an MLM run; fixed is the training.mlm_weight already above,
+        # so fixed (and STL) identities stay what they were before weightings existed.
+        ident["weighting"] = cfg.weighting.model_dump(mode="json")
     if strategy.kind == "selective":
         # Selective Masking's token picks come from an STL classifier of the first tuner and seed.
         ident["rater"] = run_identity(cfg, MaskingSpec(kind="none"), cfg.tuners[0], cfg.training.seeds[0],

@@ -11,6 +11,8 @@ Built from two transformers models so that the pieces keep their standard behavi
 
 Loss (L3Masking Sec. 3, the authors' fixed-weight "default" task weighting):
     L = L_cls(clean input) + lambda * L_mlm(masked copy of the same texts).
+``task_losses`` gives the two terms unweighted, for weightings that learn the weights
+(``l3m.weighting``: META-TARTAN takes each task's gradient separately).
 The MLM head is applied only at selected positions: the vocabulary projection is the
 dominant MLM cost, and the loss equals transformers' (mean CE over non -100 labels).
 """
@@ -77,25 +79,42 @@ class MultiTaskModel(nn.Module):
         loss = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
         return loss / selected.sum().clamp_min(1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
-                mlm_attention_mask: torch.Tensor | None = None, mlm_token_type_ids: torch.Tensor | None = None,
-                **_: object) -> MultiTaskOutput:
+    def task_losses(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                    mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
+                    mlm_attention_mask: torch.Tensor | None = None, mlm_token_type_ids: torch.Tensor | None = None,
+                    with_mlm: bool = True, **_: object) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The unweighted task losses (``cls``, and ``mlm`` when computed) and the class logits.
+
+        A loss weighting (``l3m.weighting``) that needs each task's gradient reads them here.
+        """
         kwargs = {"attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         out = self.classifier_model(input_ids=input_ids, labels=labels, **kwargs)
-        loss = out.loss
-        if (self.training and self.mlm_model is not None and self.mlm_weight > 0 and loss is not None
+        losses = {} if out.loss is None else {"cls": out.loss}
+        if (with_mlm and self.training and self.mlm_model is not None and out.loss is not None
                 and mlm_input_ids is not None and mlm_labels is not None):
             # The MLM batch has its own padding when it carries extra (unlabelled) texts.
             own = mlm_attention_mask is not None
             mlm = self.mlm_loss(mlm_input_ids, mlm_attention_mask if own else attention_mask,
                                 mlm_token_type_ids if own else token_type_ids, mlm_labels)
-            self.last_losses = {"cls_loss": loss.detach(), "mlm_loss": mlm.detach()}
-            loss = loss + self.mlm_weight * mlm
-        return MultiTaskOutput(loss=loss, logits=out.logits)
+            self.last_losses = {"cls_loss": out.loss.detach(), "mlm_loss": mlm.detach()}
+            losses["mlm"] = mlm
+        return losses, out.logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
+                mlm_attention_mask: torch.Tensor | None = None, mlm_token_type_ids: torch.Tensor | None = None,
+                **_: object) -> MultiTaskOutput:
+        losses, logits = self.task_losses(input_ids, attention_mask, token_type_ids, labels, mlm_input_ids,
+                                          mlm_labels, mlm_attention_mask, mlm_token_type_ids,
+                                          with_mlm=self.mlm_weight > 0)
+        loss = losses.get("cls")
+        if loss is not None and "mlm" in losses:
+            loss = loss + self.mlm_weight * losses["mlm"]
+        return MultiTaskOutput(loss=loss, logits=logits)
 
 
 def alias_names(model: nn.Module) -> set[str]:

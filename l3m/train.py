@@ -58,6 +58,7 @@ from l3m.optim import apply_head, param_groups
 from l3m.stage2 import STAGE2_DIR, run_stage2
 from l3m.trainer import LossParts, MaskingEpoch, MultiTaskTrainer, StepTimer
 from l3m.tuning import build_tuner
+from l3m.weighting import build_weighting, write_weight_log
 
 RUN_RECORD = "run.json"
 
@@ -275,12 +276,16 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     optimizer = torch.optim.AdamW(groups, lr=t_cfg.lr, betas=(t_cfg.adam_beta1, t_cfg.adam_beta2),
                                   eps=t_cfg.adam_epsilon)
     timer = StepTimer()
+    # Loss weighting (l3m.weighting): MLM runs only; fixed keeps the model's own loss.
+    weighting = build_weighting(cfg.weighting, t_cfg.mlm_weight, seed) if strategy.uses_mlm else None
+    if weighting is not None:
+        weighting.prepare(encoded["dev"], eval_collator)
     trainer = MultiTaskTrainer(
-        model=model, args=args, data_collator=collator, eval_collator=eval_collator,
+        model=model, args=args, data_collator=collator, eval_collator=eval_collator, weighting=weighting,
         train_dataset=train_ds, eval_dataset=encoded["dev"], processing_class=tokenizer,
         compute_metrics=compute_metrics, optimizers=(optimizer, None),
         callbacks=[EarlyStoppingCallback(t_cfg.early_stopping_patience), timer, LossParts(), MaskingEpoch(collator),
-                   *tuner.callbacks()],
+                   *tuner.callbacks(), *(weighting.callbacks() if weighting else [])],
     )
     ckpts = sorted((out_dir / "checkpoints").glob("checkpoint-*")) if resume else []
     t0 = time.perf_counter()
@@ -319,9 +324,11 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
         "masking_stats": collator.stats.as_dict(), "export": exported, "stages": stages,
     }
     (model_dir / "l3m.json").write_text(json.dumps(meta, indent=2))
+    weights_md = write_weight_log(weighting.log, out_dir) if weighting is not None and weighting.log else ""
     (out_dir / "report.md").write_text(
         f"# {cfg.domain.name}: {masking.kind} / {tuner_spec.kind} / seed {seed}\n\n"
         + report_markdown(reports["dev"], "dev (best checkpoint)") + "\n" + report_markdown(reports["test"], "test")
+        + weights_md
     )
     record = RunRecord(
         domain=cfg.domain.name, strategy=masking.kind, tuner=tuner_spec.kind, seed=seed,

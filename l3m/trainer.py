@@ -1,6 +1,7 @@
 """The Trainer subclass and callbacks one run uses (``l3m.train.train_one`` assembles them).
 
-* ``MultiTaskTrainer``: evaluation with a clean (``none``) collator, so masking draws never
+* ``MultiTaskTrainer``: a training step that defers to a loss weighting needing per-task
+  gradients (``l3m.weighting``); evaluation with a clean (``none``) collator, so masking draws never
   depend on the eval schedule; checkpoints of the multi-task module saved with shared tensors
   de-duplicated (encoder and tied decoder appear under two names).
 * ``StepTimer`` (wall time per optimizer step), ``MaskingEpoch`` (the epoch the collator keys its
@@ -15,18 +16,38 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from l3m.masking import MaskingCollator
 from l3m.modeling import alias_names
+from l3m.weighting import LossWeighting
 
 
 class MultiTaskTrainer(Trainer):
     """Trainer with a clean eval collator and shared-tensor-safe checkpoints."""
 
-    def __init__(self, *args: Any, eval_collator: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, eval_collator: Any = None, weighting: LossWeighting | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator
+        self.weighting = weighting
+
+    # --- loss weighting (l3m.weighting) ---
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        """The stock step, or the weighting's when it needs each task's gradient (META-TARTAN)."""
+        if self.weighting is None or not self.weighting.needs_task_grads:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.scaler is not None:
+            # The weighting writes p.grad itself, outside the fp16 loss scaler's backward.
+            raise ValueError(f"weighting.kind={self.weighting.kind} does not support fp16 loss scaling; "
+                             "use a bf16-capable GPU or training.fp16_on_cuda=false")
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        return self.weighting.accumulate(self.accelerator.unwrap_model(model), inputs,
+                                         self.current_gradient_accumulation_steps, self.compute_loss_context_manager)
+    # --- end loss weighting ---
 
     def _with_eval_collator(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         train_collator = self.data_collator
