@@ -149,14 +149,27 @@ class MetaTartan(LossWeighting):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            self._step.update(head_loss=float(loss), head_iters=i + 1)
-            if abs(float(loss) - prev) < self.spec.head_tol:
+            value = loss.item()
+            self._step.update(head_loss=value, head_iters=i + 1)
+            if abs(value - prev) < self.spec.head_tol:
                 break
-            prev = float(loss)
+            prev = value
+        head.zero_grad(set_to_none=True)
         head.requires_grad_(False)
         return head
 
     # ------------------------------------------------------------------ one micro-batch
+
+    def dev_gradient(self, encoder: nn.Module, body: list[nn.Parameter], num_labels: int,
+                     ctx: Callable[[], AbstractContextManager[Any]]) -> Grads:
+        """The dev head's loss gradient w.r.t. the body on a fresh dev batch (head fitted once per step)."""
+        device = body[0].device
+        if self.head is None:
+            self.head = self._fit_head(encoder, num_labels, device, ctx)
+        dev = self._dev_batch(self.spec.dev_batch_size, device)
+        with ctx():
+            dev_loss = F.cross_entropy(self.head(self._pooled(encoder, dev)), dev["labels"])
+        return torch.autograd.grad(dev_loss, body, allow_unused=True)
 
     def accumulate(self, model: nn.Module, inputs: dict[str, Any], accum: int,
                    ctx: Callable[[], AbstractContextManager[Any]]) -> torch.Tensor:
@@ -165,6 +178,9 @@ class MetaTartan(LossWeighting):
         params = [p for p in model.parameters() if p.requires_grad]
         body_ids = {id(p) for p in encoder.parameters() if p.requires_grad}
         body_at = [i for i, p in enumerate(params) if id(p) in body_ids]
+        if not body_at:
+            raise ValueError("weighting.kind=meta_tartan compares gradients on the encoder, but no encoder "
+                             "parameter is trainable under this tuner")
         task_losses = getattr(model, "task_losses", None)
         if task_losses is None:
             raise TypeError(f"weighting.kind=meta_tartan needs the multi-task model (l3m.modeling), got {type(model).__name__}")
@@ -172,16 +188,13 @@ class MetaTartan(LossWeighting):
             losses, _ = task_losses(**inputs)
         if "cls" not in losses:
             raise ValueError("weighting.kind=meta_tartan needs labelled train batches (no classification loss)")
-        grads = {t: torch.autograd.grad(loss, params, allow_unused=True) for t, loss in losses.items()}
+        # The task graphs may share intermediates (a shared encoder module's cached weights), so
+        # each but the last is kept until the next task's gradient is taken.
+        last = len(losses) - 1
+        grads = {t: torch.autograd.grad(loss, params, allow_unused=True, retain_graph=k < last)
+                 for k, (t, loss) in enumerate(losses.items())}
 
-        device = params[0].device
-        if self.head is None:
-            self.head = self._fit_head(encoder, int(clf.config.num_labels or 0), device, ctx)
-        dev = self._dev_batch(self.spec.dev_batch_size, device)
-        with ctx():
-            dev_loss = F.cross_entropy(self.head(self._pooled(encoder, dev)), dev["labels"])
-        body = [params[i] for i in body_at]
-        dev_grad = torch.autograd.grad(dev_loss, body, allow_unused=True)
+        dev_grad = self.dev_gradient(encoder, [params[i] for i in body_at], int(clf.config.num_labels or 0), ctx)
 
         w = self.weights()
         for k, t in enumerate(TASKS):
