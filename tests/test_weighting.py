@@ -191,3 +191,23 @@ def test_train_one_with_meta_tartan_logs_the_weights(domain, shared_model, tmp_p
     assert rows[0]["weight_cls"] == 0.5 and rows[1]["weight_cls"] != 0.5  # the weights are learned
     assert (tmp_path / "run" / WEIGHTS_PLOT).stat().st_size > 0
     assert WEIGHTS_PLOT in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_checkpoint_keeps_the_weights_for_a_resumed_run(tmp_path):
+    from types import SimpleNamespace
+
+    from l3m.weighting.meta_tartan import STATE_FILE, MetaTartanCallback
+
+    meta = MetaTartan(META, 1.0, seed=1)
+    meta.logit_grad += torch.tensor([-2.0, 2.0])
+    meta.update(4)
+    (tmp_path / "checkpoint-4").mkdir()
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=4)
+    MetaTartanCallback(meta).on_save(args, state, None)
+    assert (tmp_path / "checkpoint-4" / STATE_FILE).exists()
+    resumed = MetaTartan(META, 1.0, seed=1)
+    MetaTartanCallback(resumed).on_train_begin(args, state, None)
+    assert resumed.weights() == meta.weights() != {"cls": 0.5, "mlm": 0.5} and resumed.log == meta.log
+    fresh = MetaTartan(META, 1.0, seed=1)  # a run starting from step 0 keeps its equal start
+    MetaTartanCallback(fresh).on_train_begin(args, SimpleNamespace(global_step=0), None)
+    assert fresh.weights() == {"cls": 0.5, "mlm": 0.5} and fresh.log == []
