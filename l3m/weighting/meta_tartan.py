@@ -168,7 +168,9 @@ class MetaTartan(LossWeighting):
             self.head = self._fit_head(encoder, num_labels, device, ctx)
         dev = self._dev_batch(self.spec.dev_batch_size, device)
         with ctx():
-            dev_loss = F.cross_entropy(self.head(self._pooled(encoder, dev)), dev["labels"])
+            pooled = self._pooled(encoder, dev)
+        # The head runs in float32, as when it was fitted.
+        dev_loss = F.cross_entropy(self.head(pooled), dev["labels"])
         return torch.autograd.grad(dev_loss, body, allow_unused=True)
 
     def accumulate(self, model: nn.Module, inputs: dict[str, Any], accum: int,
