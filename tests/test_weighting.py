@@ -174,10 +174,11 @@ def test_weighting_is_mlm_run_identity_not_stl(domain, tiny_model, tmp_path):  #
     assert base[("none", 1)] == meta[("none", 1)] == meta_lr[("none", 1)]
 
 
-def test_train_one_with_meta_tartan_logs_the_weights(domain, shared_model, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("mlm_batch", ["same", pytest.param("independent", marks=pytest.mark.slow)])
+def test_train_one_with_meta_tartan_logs_the_weights(domain, shared_model, tmp_path, mlm_batch):  # noqa: F811
     cfg = RunConfig(domain=domain, model={"name_or_path": str(shared_model), "max_length": 32},
                     training={"batch_size": 4, "grad_accum": 2, "max_steps": 3, "train_limit": 24, "lr": 1e-4,
-                              "fp16_on_cuda": False},
+                              "fp16_on_cuda": False, "mlm_batch": mlm_batch},
                     weighting={"kind": "meta_tartan", "dev_samples": 8, "dev_batch_size": 8},
                     output_dir=str(tmp_path))
     rec = train_one(cfg, MaskingSpec(kind="random"), TunerSpec(), seed=3, inputs=TrainInputs(load_domain(domain)),
