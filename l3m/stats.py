@@ -139,7 +139,8 @@ def paired_bootstrap(gold: np.ndarray, a: Mapping[int, np.ndarray], b: Mapping[i
     err = [_errors(gold, p, n_labels) for p in pa + pb]  # A's seeds, then B's
     wrong = [np.flatnonzero(p != gold) for p in pa + pb]
     # Swapping an example moves B's counts on it into A and A's into B; zero where they agree.
-    moves = [(np.flatnonzero(x != y), e_b - e_a) for x, y, e_a, e_b in zip(pa, pb, err, err[len(seeds):])]
+    moves = [(np.flatnonzero(x != y), e_b - e_a) for x, y, e_a, e_b in
+             zip(pa, pb, err[:len(seeds)], err[len(seeds):], strict=True)]
     gold_full = g.sum(0)
     full = np.stack([e.sum(0) for e in err])  # runs x 2k
     observed = _score(full, gold_full, n, metric)
