@@ -113,7 +113,7 @@ def _draws(rng: np.random.Generator, total: int, n: int) -> Iterator[tuple[np.nd
         v = rng.integers(0, 2 * n, size=(m, n), dtype=dtype)
         swaps = (v & 1).astype(np.float32)
         v >>= 1
-        v += (np.arange(m, dtype=dtype) * n)[:, None]
+        np.add(v, (np.arange(m, dtype=dtype) * n)[:, None], out=v)
         yield np.bincount(v.ravel(), minlength=m * n).reshape(m, n).astype(np.float32), swaps
 
 
