@@ -125,7 +125,7 @@ def test_five_seeds_of_3500_examples_and_13_classes_take_well_under_a_second():
     elapsed = time.perf_counter() - start
     assert c.n_boot == 10_000 and c.verdict.startswith("A > B")
     # Generous for a loaded shared CPU; a per-resample Python loop would take minutes.
-    assert elapsed < 3.0
+    assert elapsed < 5.0
 
 
 # --- the results table -------------------------------------------------------------------------
