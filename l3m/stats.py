@@ -14,8 +14,8 @@ the two runs disagree): 10,000 resamples cost a few small matrix products, not a
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -44,9 +44,6 @@ class Comparison:
     verdict: str
     n_examples: int
     n_boot: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def verdict(a: str, b: str, ci_low: float, ci_high: float) -> str:
