@@ -42,7 +42,7 @@ from l3m.inputs import (
     write_token_view,
 )
 from l3m.locking import exclusive
-from l3m.results import write_results
+from l3m.results import compare_strategies, write_results
 from l3m.train import RUN_RECORD, RunRecord, TrainInputs, train_one
 
 # Re-exported: the flows and benches use them through this module.
@@ -171,7 +171,8 @@ def baseline_of(loaded: LoadedDomain) -> dict[str, Any]:
 
 
 def tabulate(cfg: RunConfig, inputs: TrainInputs, keys: list[RunKey]) -> dict[str, Path]:
-    """The experiment's results table and ``experiment.json`` (its runs, settings, baseline)."""
+    """The experiment's results table and ``experiment.json`` (its runs, settings, baseline and the
+    pairwise comparisons of its strategies on the domain metric)."""
     out_dir = cfg.resolved_output_dir()
     exp_dir = experiment_dir(cfg, keys)
     loaded = inputs.loaded
@@ -179,10 +180,13 @@ def tabulate(cfg: RunConfig, inputs: TrainInputs, keys: list[RunKey]) -> dict[st
     used = min(n_train, cfg.training.train_limit or n_train)
     header = experiment_settings(cfg, loaded, used)
     baseline = baseline_of(loaded)
-    paths = write_results(exp_dir, [k.path(out_dir) for k in keys], title=f"{cfg.domain.name} ({cfg.model.name_or_path})",
-                          header=header, baseline=baseline)
+    run_dirs = [k.path(out_dir) for k in keys]
+    comparisons = compare_strategies(run_dirs, cfg.domain.metric, loaded.label_names)
+    paths = write_results(exp_dir, run_dirs, title=f"{cfg.domain.name} ({cfg.model.name_or_path})",
+                          header=header, baseline=baseline, metric=cfg.domain.metric,
+                          label_names=loaded.label_names, comparisons=comparisons)
     record = {"experiment_id": experiment_id(keys), "domain": cfg.domain.name, "settings": header,
-              "runs": [k.name for k in keys], "baseline": baseline,
+              "runs": [k.name for k in keys], "baseline": baseline, "comparisons": comparisons,
               "splits": {k: v.num_rows for k, v in loaded.dataset.items()}, "train_rows_used": used,
               "config": cfg.model_dump(mode="json")}
     paths["json"] = exp_dir / "experiment.json"

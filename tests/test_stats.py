@@ -1,0 +1,240 @@
+"""Paired bootstrap comparisons: the statistic, its interval and verdict, and the results table rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+from test_training import domain, tiny_model  # noqa: F401  (fixtures)
+
+from l3m import experiment, results, stats
+from l3m.config import RunConfig
+from l3m.data.loading import DataError
+from l3m.evaluate import headline
+from l3m.identity import RunKey
+from l3m.train import RunRecord, TrainInputs
+
+N_LABELS = 3
+
+
+def _correct_on(gold: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """Predictions right on exactly ``share`` of the examples (random ones), wrong elsewhere."""
+    pred = (gold + 1) % N_LABELS
+    right = rng.permutation(len(gold))[: round(share * len(gold))]
+    pred[right] = gold[right]
+    return pred
+
+
+@pytest.fixture
+def gold() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, N_LABELS, 1000)
+
+
+def test_interval_covers_a_known_accuracy_difference_and_excludes_zero(gold):
+    rng = np.random.default_rng(1)
+    a = {s: _correct_on(gold, 0.8, rng) for s in range(5)}
+    b = {s: _correct_on(gold, 0.6, rng) for s in range(5)}
+    c = stats.paired_bootstrap(gold, a, b, N_LABELS, "accuracy", names=("L3", "RTM"), n_boot=2000)
+    assert c.diff == pytest.approx(20.0)
+    assert c.ci_low < 20.0 < c.ci_high and c.ci_low > 0
+    assert c.ci_high - c.ci_low < 10  # 5 seeds x 1,000 examples pin a 20-point gap to a few points
+    assert c.verdict == "L3 > RTM (CI excludes 0)" and c.seeds == 5
+    assert c.p_value < 0.01
+    flipped = stats.paired_bootstrap(gold, b, a, N_LABELS, "accuracy", names=("RTM", "L3"), n_boot=2000)
+    assert flipped.verdict == "RTM < L3 (CI excludes 0)"
+    assert flipped.ci_high < 0 and flipped.diff == pytest.approx(-20.0)
+
+
+def test_identical_predictions_show_no_detectable_difference(gold):
+    pred = _correct_on(gold, 0.7, np.random.default_rng(2))
+    c = stats.paired_bootstrap(gold, {1: pred}, {1: pred.copy()}, N_LABELS, "macro_f1", names=("L3", "RTM"),
+                               n_boot=1000)
+    assert c.verdict == "no detectable difference"
+    assert c.ci_low <= 0 <= c.ci_high and c.diff == 0
+    assert c.p_value == 1.0
+
+
+def test_small_noisy_difference_is_not_called():
+    # Two runs of equal skill that disagree on a handful of examples: no verdict either way.
+    gold = np.random.default_rng(3).integers(0, N_LABELS, 200)
+    a = _correct_on(gold, 0.7, np.random.default_rng(4))
+    b = _correct_on(gold, 0.7, np.random.default_rng(5))
+    c = stats.paired_bootstrap(gold, {1: a}, {1: b}, N_LABELS, names=("L3", "RTM"), n_boot=2000)
+    assert c.verdict == "no detectable difference" and c.ci_low < 0 < c.ci_high and c.p_value > 0.05
+
+
+def test_only_seeds_both_strategies_have_are_compared(gold):
+    rng = np.random.default_rng(6)
+    a = {s: _correct_on(gold, 0.8, rng) for s in (2, 3)}
+    b = {s: _correct_on(gold, 0.6, rng) for s in (2, 3, 4)}
+    paired = stats.paired_bootstrap(gold, a, b, N_LABELS, "accuracy", n_boot=500)
+    # A seed only A has (and a terrible one): ignored, so the result is unchanged.
+    with_extra = stats.paired_bootstrap(gold, {**a, 1: (gold + 1) % N_LABELS}, b, N_LABELS, "accuracy", n_boot=500)
+    assert with_extra == paired and paired.seeds == 2
+    assert paired.diff == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="no seed in common"):
+        stats.paired_bootstrap(gold, {1: a[2]}, {2: b[2]}, N_LABELS)
+
+
+def test_macro_f1_is_sklearns_and_evaluates_on_the_full_sample():
+    rng = np.random.default_rng(7)
+    gold, pred = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
+    value = stats.metric_value(gold, pred, 5, "macro_f1")
+    assert value == pytest.approx(f1_score(gold, pred, average="macro"), abs=1e-12)
+    assert value == pytest.approx(headline(gold, pred)["macro_f1"], abs=1e-12)
+    assert stats.metric_value(gold, pred, 5, "accuracy") == pytest.approx(headline(gold, pred)["accuracy"])
+    # Over the domain's label set: a label nobody predicts nor has counts as F1 0, as in sklearn.
+    assert stats.metric_value(gold, pred, 7, "macro_f1") == pytest.approx(
+        f1_score(gold, pred, labels=range(7), average="macro", zero_division=0), abs=1e-12)
+    # The observed difference is the mean over seeds of sklearn's macro-F1 differences.
+    a = {s: rng.integers(0, 5, 300) for s in range(3)}
+    b = {s: rng.integers(0, 5, 300) for s in range(3)}
+    c = stats.paired_bootstrap(gold, a, b, 5, "macro_f1", n_boot=200)
+    expected = np.mean([f1_score(gold, a[s], average="macro") - f1_score(gold, b[s], average="macro") for s in a])
+    assert c.diff == pytest.approx(100 * expected, abs=1e-9)
+
+
+def test_every_resample_scores_what_sklearn_scores_with_those_draw_counts():
+    rng = np.random.default_rng(8)
+    gold, pred = rng.integers(0, 4, 120), rng.integers(0, 4, 120)
+    errors, gold_onehot = stats._errors(gold, pred, 4), stats._one_hot(gold, 4)
+    weights, _ = next(stats._draws(np.random.default_rng(0), 20, len(gold)))
+    assert weights.shape == (20, 120) and (weights.sum(1) == 120).all()
+    fast = stats._score(weights @ errors, weights @ gold_onehot, len(gold), "macro_f1")
+    slow = [f1_score(gold, pred, labels=range(4), average="macro", zero_division=0, sample_weight=w) for w in weights]
+    assert fast == pytest.approx(slow, abs=1e-12)
+
+
+def test_five_seeds_of_3500_examples_and_13_classes_take_well_under_a_second():
+    rng = np.random.default_rng(9)
+    gold = rng.integers(0, 13, 3500)
+
+    def noisy(right: float) -> np.ndarray:
+        pred = gold.copy()
+        wrong = rng.random(len(gold)) > right
+        pred[wrong] = rng.integers(0, 13, wrong.sum())
+        return pred
+
+    a, b = {s: noisy(0.8) for s in range(5)}, {s: noisy(0.75) for s in range(5)}
+    start = time.perf_counter()
+    c = stats.paired_bootstrap(gold, a, b, 13, "macro_f1")
+    elapsed = time.perf_counter() - start
+    assert c.n_boot == 10_000 and c.verdict.startswith("A > B")
+    # Generous for a loaded shared CPU; a per-resample Python loop would take minutes.
+    assert elapsed < 5.0
+
+
+# --- the results table -------------------------------------------------------------------------
+
+LABEL_NAMES = ["neg", "pos", "mixed"]
+
+
+def _write_run(run_dir, strategy, seed, gold, pred, predictions=True):
+    run_dir.mkdir(parents=True)
+    acc = float((gold == pred).mean())
+    m = {"accuracy": acc, "macro_f1": acc, "n": len(gold)}
+    RunRecord(domain="toy", strategy=strategy, tuner="full", seed=seed, metrics={"dev": m, "test": m},
+              median_step_seconds=0.01, train_rows=40).save(run_dir / "run.json")
+    if predictions:
+        path = run_dir / "model" / "predictions" / "test.jsonl"
+        path.parent.mkdir(parents=True)
+        with path.open("w") as f:
+            for g, p in zip(gold, pred, strict=True):
+                probs = {n: float(i == p) for i, n in enumerate(LABEL_NAMES)}
+                f.write(json.dumps({"text": "t", "gold": LABEL_NAMES[g], "label": LABEL_NAMES[p],
+                                    "probabilities": probs}) + "\n")
+
+
+def _runs(tmp_path, seeds, skill, missing=()):
+    gold = np.random.default_rng(0).integers(0, 3, 400)
+    rng = np.random.default_rng(1)
+    dirs = []
+    for strategy, right in skill.items():
+        for seed in seeds[strategy]:
+            d = RunKey(strategy, "full", seed, f"{strategy}{seed}".ljust(64, "0")).path(tmp_path)
+            _write_run(d, strategy, seed, gold, _correct_on(gold, right, rng), (strategy, seed) not in missing)
+            dirs.append(d)
+    return dirs
+
+
+def test_results_table_has_the_pairwise_comparisons(tmp_path):
+    seeds = {"none": [1, 2, 3], "random": [1, 2, 3], "l3": [1, 2, 3, 4]}
+    dirs = _runs(tmp_path, seeds, {"none": 0.5, "random": 0.7, "l3": 0.7})
+    base = {"name": "neg", "dev": {"accuracy": 0.4, "macro_f1": 0.2}, "test": {"accuracy": 0.4, "macro_f1": 0.2}}
+    paths = results.write_results(tmp_path / "exp", dirs, title="toy", baseline=base, metric="accuracy",
+                                  label_names=LABEL_NAMES)
+    md = paths["md"].read_text()
+    assert "| majority class (neg) | - | - | 40.00 |" in md  # the baseline row stays
+    table = md.split("## Pairwise comparisons (test accuracy)")[1]
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "vs" in line]
+    assert [line.split(" | ")[0] for line in lines] == ["| L3 vs RTM", "| RTM vs STL", "| L3 vs STL"]
+    # Paired on seeds 1-3 (L3's seed 4 has no RTM partner), flagged as fewer than 5 seeds.
+    assert lines[0].startswith("| L3 vs RTM | full | 3 |")
+    assert "no detectable difference (n seeds < 5: indicative only)" in lines[0]
+    assert "| +20.00 |" in lines[1] and "RTM > STL (CI excludes 0) (n seeds < 5: indicative only)" in lines[1]
+    rows = list(csv.DictReader(paths["comparisons"].open()))
+    assert [(r["a"], r["b"]) for r in rows] == [("l3", "random"), ("random", "none"), ("l3", "none")]
+    assert float(rows[2]["diff"]) == pytest.approx(20.0) and float(rows[2]["ci_low"]) > 0
+    assert rows[2]["note"] == stats.INDICATIVE
+
+
+def test_five_paired_seeds_are_not_flagged(tmp_path):
+    dirs = _runs(tmp_path, {"none": range(5), "l3": range(5)}, {"none": 0.5, "l3": 0.8})
+    rows = results.compare_strategies(dirs, "accuracy", LABEL_NAMES, n_boot=1000)
+    assert len(rows) == 1 and rows[0]["pair"] == "L3 vs STL" and rows[0]["seeds"] == 5
+    assert rows[0]["verdict"] == "L3 > STL (CI excludes 0)" and rows[0]["note"] == ""
+
+
+def test_a_pair_with_a_run_without_predictions_is_skipped_with_the_reason(tmp_path):
+    seeds = {"none": [1, 2], "random": [1, 2], "l3": [1, 2]}
+    dirs = _runs(tmp_path, seeds, {"none": 0.5, "random": 0.6, "l3": 0.7}, missing={("none", 2)})
+    rows = {r["pair"]: r for r in results.compare_strategies(dirs, "macro_f1", LABEL_NAMES, n_boot=500)}
+    assert rows["L3 vs RTM"]["diff"] is not None  # the pair with predictions is still compared
+    for pair in ("RTM vs STL", "L3 vs STL"):
+        assert rows[pair]["diff"] is None and rows[pair]["verdict"] == "skipped"
+        assert "no test predictions stored in none-full-seed2-" in rows[pair]["note"]
+    md = results.comparisons_markdown(list(rows.values()), "macro_f1")
+    assert "| RTM vs STL | full | 2 | - | - | - | skipped: no test predictions stored in none-full-seed2-" in md
+
+
+def test_a_prediction_outside_the_label_set_names_file_line_and_field(tmp_path):
+    gold = np.array([0, 1, 2])
+    _write_run(tmp_path / "run", "l3", 1, gold, gold)
+    path = tmp_path / "run" / "model" / "predictions" / "test.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].replace('"label": "pos"', '"label": "positive"')
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"test\.jsonl:2: field 'label' is 'positive', not one of"):
+        results.load_test_predictions(tmp_path / "run", LABEL_NAMES)
+
+
+def test_tabulate_writes_the_comparisons_into_experiment_json(domain, tiny_model, tmp_path):  # noqa: F811
+    cfg = RunConfig(domain=domain, model={"name_or_path": str(tiny_model), "max_length": 32},
+                    strategies=[{"kind": "none"}, {"kind": "random"}], training={"seeds": [1, 2]},
+                    output_dir=str(tmp_path))
+    loaded = experiment.load_domain(domain)
+    keys = [k for k, _ in experiment.plan_runs(cfg, loaded.fingerprint)]
+    gold = np.array(loaded.dataset["test"]["label"])
+    for key in keys:
+        pred = gold if key.strategy == "random" else np.zeros_like(gold)
+        d = key.path(tmp_path)
+        d.mkdir(parents=True)
+        acc = float((gold == pred).mean())
+        m = {"accuracy": acc, "macro_f1": acc}
+        RunRecord(domain="toy", strategy=key.strategy, tuner=key.tuner, seed=key.seed,
+                  metrics={"dev": m, "test": m}).save(d / "run.json")
+        (d / "model" / "predictions").mkdir(parents=True)
+        (d / "model" / "predictions" / "test.jsonl").write_text("".join(
+            json.dumps({"gold": loaded.label_names[g], "label": loaded.label_names[p]}) + "\n"
+            for g, p in zip(gold, pred, strict=True)))
+    paths = experiment.tabulate(cfg, TrainInputs(loaded, data_fingerprint=loaded.fingerprint), keys)
+    record = json.loads(paths["json"].read_text())
+    [row] = record["comparisons"]
+    assert row["pair"] == "RTM vs STL" and row["metric"] == "macro_f1" and row["seeds"] == 2
+    expected = 100 * (1.0 - f1_score(gold, np.zeros_like(gold), average="macro"))
+    assert row["diff"] == pytest.approx(expected)
+    assert "| RTM vs STL | full | 2 |" in paths["md"].read_text() and paths["comparisons"].exists()
