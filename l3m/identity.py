@@ -23,7 +23,8 @@ from l3m.config import MaskingSpec, RunConfig, TunerSpec
 
 # Bumped when the meaning of a run changes without any setting changing (e.g. a fix in how runs
 # are trained that makes older runs incomparable).
-IDENTITY_VERSION = 1
+# 2: gradient accumulation averages micro-batches (before, the Trainer summed them).
+IDENTITY_VERSION = 2
 RUNS_DIR = "runs"
 EXPERIMENTS_DIR = "experiments"
 # Settings that only matter to strategies with an auxiliary MLM loss: STL runs ignore them, so a

@@ -45,6 +45,10 @@ def share_encoder(classifier: PreTrainedModel, mlm: PreTrainedModel) -> None:
 class MultiTaskModel(nn.Module):
     # Read by Trainer when it reloads a checkpoint.
     _keys_to_ignore_on_save = None
+    # forward() takes **kwargs (the collator's extra columns), which transformers' Trainer reads as
+    # "the model scales its loss for gradient accumulation itself" and then skips dividing the
+    # loss by the accumulation steps; it does not, so say so.
+    accepts_loss_kwargs = False
 
     def __init__(self, classifier_model: PreTrainedModel, mlm_model: PreTrainedModel | None = None,
                  mlm_weight: float = 1.0) -> None:

@@ -129,3 +129,23 @@ def test_stage2_checkpoints_are_removed(domain, tiny_mlm_dir, tmp_path):  # noqa
                     out_dir=tmp_path / "run")
     assert set(rec.stages) == {"stage1", "stage2", "kept"}
     assert not (tmp_path / "run" / "stage2").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_gradient_accumulation_averages_micro_batches(domain, tiny_mlm_dir, tmp_path):  # noqa: F811
+    """With grad_accum=2 the Trainer must divide each micro-batch loss by 2 (the model does not
+    scale its own loss), so an accumulated step has the gradient of the mean loss."""
+    from transformers import TrainingArguments
+
+    from l3m.trainer import MultiTaskTrainer
+
+    model = _model(tiny_mlm_dir, with_mlm=False)
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[], use_cpu=True)
+    trainer = MultiTaskTrainer(model=model, args=args)
+    trainer.current_gradient_accumulation_steps = 2
+    batch = {"input_ids": torch.tensor([[101, 2204, 102]]), "labels": torch.tensor([1])}
+    for m in model.modules():  # no dropout: the two forward passes must see the same function
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    full = model(**batch).loss.item()
+    step = trainer.training_step(model, dict(batch)).item()
+    assert step == pytest.approx(full / 2, rel=1e-5)
