@@ -147,5 +147,6 @@ def test_gradient_accumulation_averages_micro_batches(domain, tiny_mlm_dir, tmp_
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     full = model(**batch).loss.item()
-    step = trainer.training_step(model, dict(batch)).item()
+    # The Trainer loop passes the batch's label count; a model that "accepts loss kwargs" would use it.
+    step = trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(2)).item()
     assert step == pytest.approx(full / 2, rel=1e-5)
