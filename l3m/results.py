@@ -49,6 +49,14 @@ def summarize(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
         row["median_step_ms"] = 1000 * statistics.fmean(r.median_step_seconds for r in recs)
         row["train_seconds"] = statistics.fmean(r.train_seconds for r in recs)
         row["train_rows"] = max(r.train_rows for r in recs)
+        staged = [r.stages for r in recs if "stage2" in r.stages]
+        if staged:  # stage 2 ran: what stage 1 alone gave (the run without stage 2: identical stage 1)
+            for split in ("dev", "test"):
+                vals = [100 * st["stage1"]["metrics"][split]["macro_f1"] for st in staged]
+                row[f"stage1_{split}_macro_f1_mean"] = statistics.fmean(vals)
+                row[f"stage1_{split}_macro_f1_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row["stage2_kept"] = sum(st["kept"] == "stage2" for st in staged)
+            row["staged_runs"] = len(staged)
         rows.append(row)
     return rows
 
@@ -69,6 +77,29 @@ def table_markdown(rows: Iterable[dict[str, Any]], baseline: dict[str, Any] | No
         t, d = baseline["test"], baseline["dev"]
         lines.append(f"| majority class ({baseline['name']}) | - | - | {100 * t['accuracy']:.2f} | "
                      f"{100 * t['macro_f1']:.2f} | {100 * d['accuracy']:.2f} | {100 * d['macro_f1']:.2f} | - | - |")
+        lines.append("")
+        above = [f"{LABELS.get(r['strategy'], r['strategy'])} {'yes' if r['dev_macro_f1_mean'] > 100 * d['macro_f1'] else 'NO'}"
+                 for r in rows]
+        lines.append(f"Dev macro-F1 above the majority baseline ({100 * d['macro_f1']:.2f}): {', '.join(above)}.")
+    return "\n".join(lines) + "\n"
+
+
+def stage2_markdown(rows: Iterable[dict[str, Any]]) -> str:
+    """What stage 2 added: stage-1 scores (= the same runs without stage 2) against the final ones."""
+    staged = [r for r in rows if "staged_runs" in r]
+    if not staged:
+        return ""
+    lines = ["## Stage 2 (classification-only fine-tuning from the best stage-1 checkpoint)", "",
+             "Stage 1 alone is the run without stage 2 (stage 1 is identical); stage 2 is kept only when its best "
+             "dev score beats stage 1's.", "",
+             "| strategy | tuner | runs | stage-1 test macro-F1 | final test macro-F1 | stage-1 dev macro-F1 | "
+             "final dev macro-F1 | stage 2 kept |", "|---|---|---|---|---|---|---|---|"]
+    for r in staged:
+        def pm(key: str) -> str:
+            return f"{r[key + '_mean']:.2f} ± {r[key + '_std']:.2f}"
+        lines.append(f"| {LABELS.get(r['strategy'], r['strategy'])} | {r['tuner']} | {r['staged_runs']} | "
+                     f"{pm('stage1_test_macro_f1')} | {pm('test_macro_f1')} | {pm('stage1_dev_macro_f1')} | "
+                     f"{pm('dev_macro_f1')} | {r['stage2_kept']}/{r['staged_runs']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,6 +229,8 @@ def write_results(exp_dir: Path, run_dirs: list[Path], title: str = "", header: 
     intro = [f"# {title}", ""] if title else []
     intro += [*(f"- {h}" for h in header or []), "", "Scores in points, mean ± sample std over seeds.", ""]
     tables = table_markdown(rows, baseline)
+    if stage2_markdown(rows):
+        tables += "\n" + stage2_markdown(rows)
     if comparisons:
         tables += "\n" + comparisons_markdown(comparisons, metric)
     out["md"].write_text("\n".join(intro) + "\n" + tables)

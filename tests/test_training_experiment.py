@@ -99,3 +99,21 @@ def test_selective_alone_trains_its_rater_beside_the_table(domain, tiny_model, t
     assert len(list((tmp_path / "runs").glob("none-full-seed1-*/run.json"))) == 1  # the rater
     table = out["md"].read_text()
     assert "| Selective |" in table and "| STL |" not in table
+
+
+def test_results_state_the_baseline_check_and_what_stage2_added(tmp_path):
+    dirs = []
+    for strategy, (s1, final, kept) in {"none": (0.30, 0.40, "stage2"), "l3": (0.20, 0.20, "stage1")}.items():
+        for seed in (1, 2):
+            d = RunKey(strategy, "full", seed, f"{strategy}{seed}".ljust(64, "0")).path(tmp_path)
+            d.mkdir(parents=True)
+            rec = _record(strategy, seed, 0.5, final)
+            m1 = {"accuracy": 0.5, "macro_f1": s1, "n": 10}
+            rec.stages = {"stage1": {"metrics": {"dev": m1, "test": m1}}, "stage2": {}, "kept": kept}
+            rec.save(d / "run.json")
+            dirs.append(d)
+    base = {"name": "neg", "dev": {"accuracy": 0.5, "macro_f1": 0.25}, "test": {"accuracy": 0.5, "macro_f1": 0.25}}
+    md = results.write_results(tmp_path / "exp", dirs, baseline=base)["md"].read_text()
+    assert "Dev macro-F1 above the majority baseline (25.00): STL yes, L3 NO." in md
+    assert "| STL | full | 2 | 30.00 ± 0.00 | 40.00 ± 0.00 | 30.00 ± 0.00 | 40.00 ± 0.00 | 2/2 |" in md
+    assert "| L3 | full | 2 | 20.00 ± 0.00 | 20.00 ± 0.00 | 20.00 ± 0.00 | 20.00 ± 0.00 | 0/2 |" in md
