@@ -94,12 +94,13 @@ def stage2_markdown(rows: Iterable[dict[str, Any]]) -> str:
              "dev score beats stage 1's.", "",
              "| strategy | tuner | runs | stage-1 test macro-F1 | final test macro-F1 | stage-1 dev macro-F1 | "
              "final dev macro-F1 | stage 2 kept |", "|---|---|---|---|---|---|---|---|"]
+    def pm(r: dict[str, Any], key: str) -> str:
+        return f"{r[key + '_mean']:.2f} ± {r[key + '_std']:.2f}"
+
     for r in staged:
-        def pm(key: str) -> str:
-            return f"{r[key + '_mean']:.2f} ± {r[key + '_std']:.2f}"
         lines.append(f"| {LABELS.get(r['strategy'], r['strategy'])} | {r['tuner']} | {r['staged_runs']} | "
-                     f"{pm('stage1_test_macro_f1')} | {pm('test_macro_f1')} | {pm('stage1_dev_macro_f1')} | "
-                     f"{pm('dev_macro_f1')} | {r['stage2_kept']}/{r['staged_runs']} |")
+                     f"{pm(r, 'stage1_test_macro_f1')} | {pm(r, 'test_macro_f1')} | {pm(r, 'stage1_dev_macro_f1')} | "
+                     f"{pm(r, 'dev_macro_f1')} | {r['stage2_kept']}/{r['staged_runs']} |")
     return "\n".join(lines) + "\n"
 
 
