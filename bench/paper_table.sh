@@ -2,12 +2,15 @@
 # Reproduce docs/results.md from the paper profiles (configs/paper/<domain>-<MODEL>.yaml):
 #   1. the main table: STL / RTM / L3 x SEEDS on each domain (paired-bootstrap CIs in the table);
 #   2. the ablations on citation_intent, L3 only, ABLATION_SEEDS: fixed lambda in {0.1, 0.3, 1.0}
-#      against meta_tartan (the main table's L3 runs, reused by identity), and stage 2 off.
+#      against meta_tartan (the main table's L3 runs, reused by identity). Stage 2 off needs no
+#      runs: stage 1 is identical with and without it, and every run records its stage-1 scores
+#      (the "Stage 2" table of each results.md).
 #   bench/paper_table.sh [OUTPUT_ROOT]
 # Env: PY (python); MODEL (minilm: the shared model, default; roberta: needs the hub);
 #      DOMAINS, SEEDS, ABLATION_SEEDS; BUDGET: extra overrides for every run (docs/results.md
 #      gives the CPU grid's); PARALLEL=1: every (domain, seed) and ablation run is its own process,
-#      all at once (one GPU is far from busy with one small model); DEADLINE: seconds per process.
+#      JOBS of them at a time (default all at once: one GPU is far from busy with one small model;
+#      on a CPU, JOBS=2 with OMP_NUM_THREADS=1); DEADLINE: seconds per process.
 # A rerun reuses every finished run (run identity) and resumes interrupted ones, so a script
 # killed by its deadline is finished by running it again.
 set -uo pipefail
@@ -25,7 +28,6 @@ ABLATIONS=(
   "fixed-0.3|weighting.kind=fixed training.mlm_weight=0.3"
   "fixed-1.0|weighting.kind=fixed training.mlm_weight=1.0"
   "meta_tartan|weighting.kind=meta_tartan"
-  "no-stage2|weighting.kind=meta_tartan training.stage2=null"
 )
 seeds_list() { local IFS=,; echo "[$*]"; }
 
@@ -33,6 +35,7 @@ pids=()
 launch() {  # launch LOG ARGS...: one experiment process, in the background with PARALLEL=1
   local log=$1; shift
   if [ "${PARALLEL:-0}" = 1 ]; then
+    while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-1000}" ]; do wait -n; done
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout "${DEADLINE:-100000}" "$@" > "$log" 2>&1 &
     pids+=($!)
   else
