@@ -153,10 +153,17 @@ def experiment_settings(cfg: RunConfig, loaded: LoadedDomain, train_rows_used: i
     t, m = cfg.training, cfg.model
     sizes = ", ".join(f"{k} {v.num_rows}" for k, v in loaded.dataset.items())
     budget = f"max_steps {t.max_steps}" if t.max_steps > 0 else f"epochs {t.epochs:g}"
-    lines = [f"model `{m.name_or_path}`, max_length {m.max_length}",
+    head_lr = f"head lr {t.head_lr:g}" if t.head_lr is not None else "head lr = lr"
+    evals = f"dev every {t.eval_steps} steps" if t.eval_steps else "dev every epoch"
+    weighting = (f"weighting fixed (mlm_weight {t.mlm_weight:g})" if cfg.weighting.kind == "fixed"
+                 else f"weighting {cfg.weighting.kind} (meta_lr {cfg.weighting.meta_lr:g})")
+    stage2 = (f"stage 2: {t.stage2.epochs} epochs at lr {t.stage2.lr:g}, patience {t.stage2.patience}"
+              if t.stage2 else "stage 2: off")
+    lines = [f"model `{m.name_or_path}`, max_length {m.max_length}, head {m.head}",
              f"splits: {sizes} rows (train rows used per run: {train_rows_used})",
-             f"training: {budget}, batch {t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g}, "
-             f"mlm_weight {t.mlm_weight:g}, seeds {t.seeds}",
+             f"training: {budget}, batch {t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g}, {head_lr}, "
+             f"{evals}, patience {t.early_stopping_patience}, seeds {t.seeds}",
+             f"{weighting}; MLM batch {t.mlm_batch}; {stage2}",
              f"scores: {cfg.scoring.metric}, {cfg.scoring.mode}" + (f" k={cfg.scoring.stride}" if cfg.scoring.mode == "strided" else ""),
              f"data snapshot {loaded.fingerprint}"]
     lines += [f"data note: {n}" for n in loaded.notes]
