@@ -18,7 +18,7 @@ from prefect.cache_policies import NONE
 
 from flows.common import artifact_key, as_config, load_data
 from l3m import experiment
-from l3m.config import RunConfig
+from l3m.config import ConfigError, RunConfig
 from l3m.identity import RunKey, experiment_dir
 from l3m.modelcheck import check_model
 from l3m.train import RUN_RECORD
@@ -97,6 +97,10 @@ def torchrun_train(config: Path, overrides: list[str], nproc: int) -> int:
     import sys
 
     cfg = as_config(config, overrides)
+    if cfg.weighting.kind == "meta_tartan" and any(s.kind != "none" for s in cfg.strategies):
+        # Its task-weight update is per process; refused before any work, not in every rank.
+        raise ConfigError(f"{config}: weighting.kind=meta_tartan runs in one process; use --nproc 1 or "
+                          "--set weighting.kind=fixed")
     check_model(cfg.model)
     snapshot = ensure_snapshot(cfg)
     args = [str(config), *overrides, "--snapshot", snapshot]

@@ -232,3 +232,12 @@ def test_model_check_accepts_a_model_and_rejects_what_is_not_one(tmp_path, share
         check_model(ModelSpec(name_or_path="./models/nothing-here"))
     with pytest.raises(ConfigError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\)"):
         check_model(ModelSpec(name_or_path="nobody/no-such-model"))
+
+
+def test_meta_tartan_under_torchrun_is_refused_before_any_work(prefect_env, toy_domain, tmp_path):
+    cfg = _config(tmp_path, {"domain": toy_domain(), "weighting": {"kind": "meta_tartan"},
+                             "strategies": [{"kind": "l3"}]})
+    proc = _cli(prefect_env, tmp_path, "train", cfg, "--nproc", "2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "weighting.kind=meta_tartan runs in one process" in proc.stderr
+    assert not (tmp_path / "runs" / "toy").exists()
