@@ -46,12 +46,18 @@ class Comparison:
     n_boot: int
 
 
-def verdict(a: str, b: str, ci_low: float, ci_high: float) -> str:
-    if ci_low > 0:
-        return f"{a} > {b} (CI excludes 0)"
-    if ci_high < 0:
-        return f"{a} < {b} (CI excludes 0)"
-    return NO_DIFFERENCE
+def verdict(a: str, b: str, ci_low: float, ci_high: float, p_value: float = 0.0, alpha: float = 0.05) -> str:
+    """A direction only when the interval excludes 0 *and* the permutation test agrees.
+
+    With few seeds and few examples on which the two runs disagree, the percentile interval can
+    exclude 0 while the permutation test does not reject (the bootstrap is anti-conservative
+    there); that is reported as no detectable difference, with the reason.
+    """
+    if ci_low <= 0 <= ci_high:
+        return NO_DIFFERENCE
+    if p_value >= alpha:
+        return f"{NO_DIFFERENCE} (CI excludes 0 but permutation p >= {alpha:g})"
+    return f"{a} {'>' if ci_low > 0 else '<'} {b} (CI excludes 0)"
 
 
 def _one_hot(y: np.ndarray, n_labels: int) -> np.ndarray:
@@ -154,6 +160,7 @@ def paired_bootstrap(gold: np.ndarray, a: Mapping[int, np.ndarray], b: Mapping[i
         extreme += int((np.abs(stat) >= abs(diff) - 1e-12).sum())
     tail = 100 * (1 - level) / 2
     lo, hi = (float(v) for v in np.percentile(100 * np.concatenate(diffs), [tail, 100 - tail]))
+    p_value = (1 + extreme) / (1 + n_boot)
     return Comparison(a=names[0], b=names[1], metric=metric, seeds=len(seeds), diff=100 * diff, ci_low=lo,
-                      ci_high=hi, p_value=(1 + extreme) / (1 + n_boot), verdict=verdict(*names, lo, hi),
+                      ci_high=hi, p_value=p_value, verdict=verdict(*names, lo, hi, p_value),
                       n_examples=n, n_boot=n_boot)

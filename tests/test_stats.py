@@ -233,3 +233,11 @@ def test_tabulate_writes_the_comparisons_into_experiment_json(domain, tiny_model
     expected = 100 * (1.0 - f1_score(gold, np.zeros_like(gold), average="macro"))
     assert row["diff"] == pytest.approx(expected)
     assert "| RTM vs STL | full | 2 |" in paths["md"].read_text() and paths["comparisons"].exists()
+
+
+def test_a_direction_needs_the_interval_and_the_permutation_test_to_agree():
+    assert stats.verdict("L3", "RTM", 0.5, 2.0, p_value=0.01) == "L3 > RTM (CI excludes 0)"
+    assert stats.verdict("L3", "RTM", -2.0, -0.5, p_value=0.01) == "L3 < RTM (CI excludes 0)"
+    # The 1-seed demo case: a percentile interval just above 0 while p = 0.13.
+    assert stats.verdict("L3", "RTM", 0.07, 1.65, p_value=0.13).startswith("no detectable difference (CI excludes 0")
+    assert stats.verdict("L3", "RTM", -0.1, 1.0, p_value=0.01) == "no detectable difference"
