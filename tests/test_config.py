@@ -87,3 +87,22 @@ def test_a_misspelt_check_name_in_severity_is_an_error_naming_the_checks(tmp_pat
         load_config(p)
     p.write_text("name: d\nsplits: {train: {path: t.jsonl}}\nvalidation: {severity: {train_test_leakage: warning}}\n")
     assert load_config(p).domain.validation.severity == {"train_test_leakage": "warning"}
+
+
+def test_every_shipped_run_config_loads_and_the_paper_profiles_hold_the_authors_recipe():
+    paths = sorted((ROOT / "configs").rglob("*.yaml"))
+    runs = [p for p in paths if not p.name.endswith(".raw.yaml")]
+    assert len(runs) >= 5
+    for p in runs:
+        load_config(p)
+    for name, steps in (("citation_intent", 1950), ("chemprot", 4800)):
+        for model in ("roberta", "minilm"):
+            cfg = load_config(ROOT / "configs" / "paper" / f"{name}-{model}.yaml")
+            t = cfg.training
+            assert cfg.domain.name == name and cfg.weighting.kind == "meta_tartan" and cfg.model.head == "authors"
+            assert (t.max_steps, t.batch_size * t.grad_accum, t.lr, t.head_lr, t.head_weight_decay) == (
+                steps, 128, 1e-4, 1e-3, 0.1)
+            assert (t.adam_beta2, t.adam_epsilon, t.eval_steps, t.early_stopping_patience) == (0.98, 1e-6, 30, 20)
+            assert t.stage2 is not None and (t.stage2.lr, t.stage2.epochs, t.stage2.patience) == (5e-6, 10, 3)
+            assert t.mlm_batch == "independent" and len(t.seeds) >= 5
+            assert not any(cfg.domain.cleaning.model_dump().values())  # the raw standard splits
