@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from l3m.config import MaskingSpec
+from l3m.plugins import Registry
 
 # Extra per-token columns a strategy may ask the collator to pad and pass through. Float
 # columns are padded with NaN, integer columns with -1.
@@ -59,25 +60,20 @@ class MaskingStrategy(ABC):
         return {"kind": self.kind, **self.spec.model_dump()}
 
 
-_REGISTRY: dict[str, type[MaskingStrategy]] = {}
+_REGISTRY: Registry[MaskingStrategy] = Registry("masking")
 
 
 def register_masking(kind: str, cls: type[MaskingStrategy]) -> None:
     """Make ``cls`` buildable from a ``MaskingSpec(kind=kind)``."""
-    if kind in _REGISTRY and _REGISTRY[kind] is not cls:
-        raise ValueError(f"masking kind {kind!r} is already registered to {_REGISTRY[kind].__name__}")
-    cls.kind = kind
-    _REGISTRY[kind] = cls
+    _REGISTRY.register(kind, cls)
 
 
 def registered_kinds() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.kinds()
 
 
 def build_masking(spec: MaskingSpec) -> MaskingStrategy:
-    if spec.kind not in _REGISTRY:
-        raise KeyError(f"unknown masking kind {spec.kind!r}; registered: {registered_kinds()}")
-    return _REGISTRY[spec.kind](spec)
+    return _REGISTRY.get(spec.kind)(spec)
 
 
 def content_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:

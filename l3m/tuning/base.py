@@ -29,6 +29,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, TrainerCallback
 
 from l3m.config import TunerSpec
+from l3m.plugins import Registry
 
 FisherBatches = Callable[[], Iterable[dict[str, Any]]]
 
@@ -70,26 +71,20 @@ class Tuner:
         return AutoModelForSequenceClassification.from_pretrained(str(out_dir)).eval()
 
 
-_REGISTRY: dict[str, type[Tuner]] = {}
+_REGISTRY: Registry[Tuner] = Registry("tuner")
 
 
 def register_tuner(kind: str, cls: type[Tuner]) -> type[Tuner]:
     """Register ``cls`` under ``kind`` (a ``TunerSpec.kind`` value); returns ``cls``."""
-    if kind in _REGISTRY and _REGISTRY[kind] is not cls:
-        raise ValueError(f"tuner kind {kind!r} is already registered to {_REGISTRY[kind].__name__}")
-    cls.kind = kind
-    _REGISTRY[kind] = cls
-    return cls
+    return _REGISTRY.register(kind, cls)
 
 
 def build_tuner(spec: TunerSpec) -> Tuner:
-    if spec.kind not in _REGISTRY:
-        raise KeyError(f"no tuner registered for kind {spec.kind!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[spec.kind](spec)
+    return _REGISTRY.get(spec.kind)(spec)
 
 
 def registered_tuners() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.kinds()
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from l3m.config import WeightingSpec
+from l3m.plugins import Registry
 
 # The two tasks of a multi-task run, in the order weights and logits are kept.
 TASKS = ("cls", "mlm")
@@ -67,23 +68,17 @@ class LossWeighting:
         return []
 
 
-_REGISTRY: dict[str, type[LossWeighting]] = {}
+_REGISTRY: Registry[LossWeighting] = Registry("loss weighting")
 
 
 def register_weighting(kind: str, cls: type[LossWeighting]) -> type[LossWeighting]:
     """Register ``cls`` under ``kind`` (a ``WeightingSpec.kind`` value); returns ``cls``."""
-    if kind in _REGISTRY and _REGISTRY[kind] is not cls:
-        raise ValueError(f"weighting kind {kind!r} is already registered to {_REGISTRY[kind].__name__}")
-    cls.kind = kind
-    _REGISTRY[kind] = cls
-    return cls
+    return _REGISTRY.register(kind, cls)
 
 
 def build_weighting(spec: WeightingSpec, mlm_weight: float, seed: int) -> LossWeighting:
-    if spec.kind not in _REGISTRY:
-        raise KeyError(f"no loss weighting registered for kind {spec.kind!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[spec.kind](spec, mlm_weight, seed)
+    return _REGISTRY.get(spec.kind)(spec, mlm_weight, seed)
 
 
 def registered_weightings() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.kinds()
