@@ -230,8 +230,9 @@ def write_results(exp_dir: Path, run_dirs: list[Path], title: str = "", header: 
     intro = [f"# {title}", ""] if title else []
     intro += [*(f"- {h}" for h in header or []), "", "Scores in points, mean ± sample std over seeds.", ""]
     tables = table_markdown(rows, baseline)
-    if stage2_markdown(rows):
-        tables += "\n" + stage2_markdown(rows)
+    stage2 = stage2_markdown(rows)
+    if stage2:
+        tables += "\n" + stage2
     if comparisons:
         tables += "\n" + comparisons_markdown(comparisons, metric)
     out["md"].write_text("\n".join(intro) + "\n" + tables)
