@@ -97,3 +97,12 @@ def tiny_mlm_dir(tmp_path_factory, shared_model: Path) -> Path:
     BertForMaskedLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory, shared_data: Path) -> dict[str, Path]:
+    """A tiny random masked LM of every encoder family (tests/families.py), built once a session."""
+    from families import FAMILIES, build
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build(name, root / name, shared_data) for name in FAMILIES}

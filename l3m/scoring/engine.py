@@ -6,8 +6,10 @@ masking of the chosen metric (see ``plans``). Execution:
 * copies of all texts are sorted by length (length bucketing) and cut into batches of at most
   ``token_budget`` tokens; a long text's copies are split over several batches, so memory is
   bounded by the budget, not by the text (a 512-token text has 510 copies = 261k tokens);
-* BERT-layout models run the padding-free ``PackedEncoder``; others the library forward on
-  padded buckets (``model.base_model``). Either way the MLM head runs at target rows only;
+* the scorer picks its path (``path`` / ``path_reason`` say which and why): BERT-layout models
+  with a known head run the padding-free ``PackedEncoder``; every other masked LM runs the
+  generic path, the model's own forward on length-sorted padded batches (``generic``). Either
+  way the MLM head runs at target rows only;
 * ``torch.inference_mode``; low-precision dtypes follow autocast's rule; SDPA attention.
 """
 
@@ -24,8 +26,9 @@ import torch
 from torch import nn
 
 from l3m.scoring import onednn
-from l3m.scoring.heads import MLMHead
-from l3m.scoring.packed import Group, PackedEncoder, supports_packed
+from l3m.scoring.generic import TargetForward, max_target_rows
+from l3m.scoring.heads import MLMHead, resolve_head
+from l3m.scoring.packed import Group, PackedEncoder, packed_unsupported
 from l3m.scoring.plans import EncodedText, Item, Metric, Mode, Plan, encode, make_plan, normalise_items
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,7 +85,7 @@ class PLLScorer:
     """Frozen masked LM + tokenizer that scores token PLLs.
 
     ``model`` is a path or hub id (loaded with ``AutoModelForMaskedLM``) or a loaded module (then
-    pass ``tokenizer``). ``packed=False`` forces the library forward (used to cross-check).
+    pass ``tokenizer``). ``packed=False`` forces the generic path (used to cross-check).
     """
 
     def __init__(
@@ -117,12 +120,22 @@ class PLLScorer:
         self.tokenizer = tokenizer
         # Any: a transformers masked LM (``base_model``, ``config``), which nn.Module does not declare.
         self.model: Any = net.to(self.device).eval()
-        self.head = MLMHead(self.model, self.compute_dtype)
-        self.packed = (
-            PackedEncoder(self.model, self.compute_dtype, mask_token_id=tokenizer.mask_token_id)
-            if packed and supports_packed(net)
-            else None
-        )
+        self.packed: PackedEncoder | None = None
+        self.head: MLMHead | None = None
+        self.generic: TargetForward | None = None
+        why_not = "packed=False" if not packed else packed_unsupported(net)
+        if why_not is None and resolve_head(net) is None:
+            why_not = f"{type(net).__name__}: no known MLM head"
+        if why_not is None:
+            self.head = MLMHead(self.model, self.compute_dtype)
+            self.packed = PackedEncoder(self.model, self.compute_dtype, mask_token_id=tokenizer.mask_token_id)
+            self.path = "packed"
+            self.path_reason = f"{type(net).__name__}: BERT-layout encoder, absolute positions, known MLM head"
+        else:
+            self.generic = TargetForward(self.model, self.compute_dtype, int(self.model.config.vocab_size))
+            self.path = "generic" if self.generic.hooked else "generic-full-logits"
+            self.path_reason = f"{self.generic.reason} (packed path: {why_not})"
+        self.max_targets = None if self.generic is None else max_target_rows(self.model.config.vocab_size, self.device)
         self.stats = EngineStats()
         self._lock = threading.Lock()  # one forward at a time: threads share the model and cores
         self._local = threading.local()
@@ -170,7 +183,7 @@ class PLLScorer:
         done = sum(1 for r in remaining if r == 0)
         with self._lock, torch.inference_mode():
             t0 = time.perf_counter()
-            for batch in self._batches(encs, plans, token_budget):
+            for batch in self._batches(encs, plans, token_budget, self.max_targets):
                 logp = self._run(batch, encs, plans)
                 pos = 0
                 for u in batch:
@@ -188,25 +201,33 @@ class PLLScorer:
 
     # -- batching -------------------------------------------------------------------------------
     def _batches(
-        self, encs: Sequence[EncodedText], plans: Sequence[Plan], budget: int
+        self, encs: Sequence[EncodedText], plans: Sequence[Plan], budget: int, max_targets: int | None = None
     ) -> Iterator[list[_Unit]]:
-        """Greedy fill in descending length order, so each batch's first unit sets its padded length."""
+        """Greedy fill in descending length order, so each batch's first unit sets its padded length.
+
+        ``max_targets`` also caps the target rows of a batch (the generic path's logits).
+        """
         order = sorted(range(len(encs)), key=lambda i: -encs[i].length)
         batch: list[_Unit] = []
-        cost = 0
+        cost = n_tgt = 0
         for i in order:
             L, c = encs[i].length, plans[i].n_copies
+            per_copy = max(1, plans[i].targets.shape[1])
             per_batch = max(1, budget // L)
+            if max_targets is not None:
+                per_batch = min(per_batch, max(1, max_targets // per_copy))
             for r0 in range(0, c, per_batch):
                 r1 = min(c, r0 + per_batch)
                 # Padded cost: every copy of the batch is as long as its first (longest) unit.
                 width = batch[0].length if batch else L
-                add = (r1 - r0) * width
-                if batch and cost + add > budget:
+                add, add_t = (r1 - r0) * width, (r1 - r0) * per_copy
+                over_t = max_targets is not None and n_tgt + add_t > max_targets
+                if batch and (cost + add > budget or over_t):
                     yield batch
-                    batch, cost, add = [], 0, (r1 - r0) * L
+                    batch, cost, n_tgt, add = [], 0, 0, (r1 - r0) * L
                 batch.append(_Unit(i, r0, r1, L))
                 cost += add
+                n_tgt += add_t
         if batch:
             yield batch
 
@@ -226,14 +247,14 @@ class PLLScorer:
             [_target_ids(encs[u.text], t) for u, t in zip(batch, targets, strict=True)]
         )
         before = self.stats.padded_tokens
-        if self.packed is not None:
+        tid = torch.from_numpy(target_ids).to(self.device)
+        if self.packed is not None and self.head is not None:
             hidden = self.packed.forward(self._groups(batch, copies, targets, encs, plans))
             self.stats.padded_tokens += sum((u.r1 - u.r0) * u.length for u in batch)
+            logp = self.head.target_logprobs(hidden, tid)
         else:
-            hidden = self._library_forward(batch, copies, targets)
+            logp = self._generic_forward(batch, copies, targets, tid)
         self.stats.max_batch_tokens = max(self.stats.max_batch_tokens, self.stats.padded_tokens - before)
-        tid = torch.from_numpy(target_ids).to(self.device)
-        logp = self.head.target_logprobs(hidden, tid)
         n_copies = sum(u.r1 - u.r0 for u in batch)
         self.stats.forward_batches += 1
         self.stats.copies += n_copies
@@ -281,21 +302,23 @@ class PLLScorer:
             i = j + 1
         return groups
 
-    def _library_forward(self, batch: list[_Unit], copies: list, targets: list[np.ndarray]) -> torch.Tensor:
+    def _generic_forward(
+        self, batch: list[_Unit], copies: list, targets: list[np.ndarray], target_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The model's own forward on the batch padded to its longest copy (batches are length-sorted)."""
+        assert self.generic is not None
         width = max(u.length for u in batch)
         pad = self.tokenizer.pad_token_id or 0
         ids = np.concatenate([_pad_cols(c[0], width, pad) for c in copies])
         attn = np.concatenate([_pad_cols(np.ones_like(c[0]), width, 0) for c in copies])
-        kw: dict[str, torch.Tensor] = {"input_ids": self._t(ids), "attention_mask": self._t(attn)}
+        tt = None
         if copies[0][1] is not None:
-            kw["token_type_ids"] = self._t(np.concatenate([_pad_cols(c[1], width, 0) for c in copies]))
+            tt = self._t(np.concatenate([_pad_cols(c[1], width, 0) for c in copies]))
         self.stats.padded_tokens += int(ids.size)
-        use_amp = self.compute_dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=use_amp):
-            hs = self.model.base_model(**kw).last_hidden_state
         tg = np.concatenate([_pad_cols(t, max(x.shape[1] for x in targets)) for t in targets])
         rows, slots = np.nonzero(tg >= 0)
-        return hs[self._t(rows), self._t(tg[rows, slots])].float()
+        kw = self.generic.inputs(self._t(ids), self._t(attn), tt)
+        return self.generic.logprobs(kw, self._t(rows), self._t(tg[rows, slots]), target_ids)
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)

@@ -1,4 +1,4 @@
-"""The MLM head, split into its small transform and its vocabulary projection.
+"""The MLM head of the packed path's families, split into its transform and vocabulary projection.
 
 PLL needs log p(t_i | ...) at the target rows only. Applying the head there (not at every
 position, as ``model(...).logits`` does) is the largest single saving of this engine: the
@@ -26,7 +26,10 @@ class MLMHead:
     """``transform`` (float32, small) followed by the vocabulary projection ``decoder``."""
 
     def __init__(self, model: nn.Module, compute_dtype: torch.dtype) -> None:
-        self.transform, decoder = _resolve(model)
+        resolved = resolve_head(model)
+        if resolved is None:
+            raise ValueError(f"{type(model).__name__}: no known MLM head for the packed path")
+        self.transform, decoder = resolved
         self.dtype = compute_dtype
         self.weight = decoder.weight.detach().to(compute_dtype).contiguous()
         bias = decoder.bias if decoder.bias is not None else torch.zeros(decoder.weight.shape[0])
@@ -54,7 +57,9 @@ class MLMHead:
         return out
 
 
-def _resolve(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Linear]:
+def resolve_head(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Linear] | None:
+    """The head's position-wise transform and its decoder, for the families the packed path knows
+    (None for the others: they score through the generic path, ``l3m.scoring.generic``)."""
     m: Any = model
     cls = getattr(m, "cls", None)
     if cls is not None and hasattr(cls, "predictions"):  # BertForMaskedLM
@@ -72,7 +77,11 @@ def _resolve(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], 
             return m.vocab_layer_norm(m.activation(m.vocab_transform(x)))
 
         return distil_transform, m.vocab_projector
-    raise ValueError(
-        f"unsupported masked LM {type(model).__name__}: no BERT/RoBERTa/DistilBERT MLM head "
-        "(add its transform + decoder in l3m/scoring/heads.py)"
-    )
+    gen = getattr(m, "generator_predictions", None)
+    if gen is not None and hasattr(m, "generator_lm_head"):  # ElectraForMaskedLM (the generator)
+
+        def electra_transform(x: torch.Tensor) -> torch.Tensor:
+            return gen.LayerNorm(gen.activation(gen.dense(x)))
+
+        return electra_transform, m.generator_lm_head
+    return None

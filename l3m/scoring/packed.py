@@ -101,23 +101,29 @@ class _LastAttention:
 
 def supports_packed(model: nn.Module) -> bool:
     """BERT-layout encoders (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA) with absolute positions."""
+    return packed_unsupported(model) is None
+
+
+def packed_unsupported(model: nn.Module) -> str | None:
+    """Why the packed forward cannot run ``model`` (None when it can): the scorer reports it."""
+    name = type(model).__name__
     cfg = getattr(model, "config", None)
     base = getattr(model, "base_model", None)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     if cfg is None or layers is None or len(layers) == 0 or getattr(base, "embeddings", None) is None:
-        return False
+        return f"{name}: not a BERT-layout encoder (no embeddings + encoder.layer)"
     if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
-        return False
+        return f"{name}: a decoder or cross-attention"
     if getattr(cfg, "position_embedding_type", "absolute") not in ("absolute", None):
-        return False
+        return f"{name}: {cfg.position_embedding_type} positions"
     lay = layers[0]
     try:
         _ = (lay.attention.self.query, lay.attention.output.dense, lay.attention.output.LayerNorm)
         _ = (lay.intermediate.dense, lay.intermediate.intermediate_act_fn, lay.output.dense)
         _ = lay.output.LayerNorm
     except AttributeError:
-        return False
-    return True
+        return f"{name}: its layers are not BERT's (attention.self.query ...)"
+    return None
 
 
 class PackedEncoder:
@@ -135,6 +141,8 @@ class PackedEncoder:
         base: Any = model.base_model
         cfg: Any = model.config
         self.embeddings = base.embeddings
+        # ELECTRA projects its embeddings to the hidden width (embedding_size != hidden_size).
+        self.project: nn.Module | None = getattr(base, "embeddings_project", None)
         self.n_heads: int = cfg.num_attention_heads
         self.dtype = compute_dtype
         self.hidden_act = getattr(cfg, "hidden_act", None)
@@ -263,8 +271,12 @@ class PackedEncoder:
         for p in chunk:
             g = groups[p.group]
             tt = None if g.token_type_ids is None else g.token_type_ids[p.c0 : p.c1]
-            parts.append(self.embeddings(input_ids=g.input_ids[p.c0 : p.c1], token_type_ids=tt).reshape(p.rows, -1))
+            parts.append(self._embeddings(g.input_ids[p.c0 : p.c1], tt).reshape(p.rows, -1))
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).float()
+
+    def _embeddings(self, ids: torch.Tensor, tt: torch.Tensor | None) -> torch.Tensor:
+        e = self.embeddings(input_ids=ids, token_type_ids=tt)
+        return e if self.project is None else self.project(e)
 
     def _layer0_tables(self, g: Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer-0 input and Q/K/V rows of a group's texts, original and all-[MASK] (2 u L rows),
@@ -273,7 +285,7 @@ class PackedEncoder:
         lay = self.layers[0]
         ids = torch.cat([g.base_ids, torch.full_like(g.base_ids, int(self.mask_token_id or 0))])
         tt = g.base_token_type_ids
-        e = self.embeddings(input_ids=ids, token_type_ids=None if tt is None else torch.cat([tt, tt]))
+        e = self._embeddings(ids, None if tt is None else torch.cat([tt, tt]))
         e = e.reshape(-1, e.shape[-1]).float()
         return e, self._lin(e, lay.w_qkv, lay.b_qkv), g.rows
 

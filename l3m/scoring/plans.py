@@ -94,6 +94,10 @@ def encode(tokenizer: Any, items: Sequence[Item], max_length: int) -> list[Encod
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("PLL scoring needs a fast tokenizer (word_ids() gives the word boundaries)")
     specials = _special_ids(tokenizer)
+    # Without a pre-tokenizer (SentencePiece conversions that put the "▁" in the normalizer), a
+    # fast tokenizer reports one word per sequence: the word starts are then read off the pieces.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    by_marker = backend is not None and backend.pre_tokenizer is None
     out: list[EncodedText | None] = [None] * len(items)
     # An empty pair is no pair for ``tokenizer(text, "")`` (it tests truthiness), but a batched
     # call would add a second [SEP]: route it with the singles so both agree.
@@ -110,16 +114,35 @@ def encode(tokenizer: Any, items: Sequence[Item], max_length: int) -> list[Encod
             max_length=max_length,
         )
         for j, i in enumerate(idx):
-            out[i] = _from_encoding(enc, j, specials)
+            out[i] = _from_encoding(enc, j, specials, by_marker)
     return [e for e in out if e is not None]
 
 
-def _from_encoding(enc: Any, j: int, specials: set[int]) -> EncodedText:
+# Pieces that start a word: SentencePiece "▁" and byte-level BPE "Ġ" mark the word's first piece
+# (WordPiece marks the others with "##", and always has a pre-tokenizer, so word_ids() holds).
+WORD_START = ("▁", "Ġ")
+
+
+def _marker_words(tokens: list[str], seq_ids: list[int | None]) -> list[int | None]:
+    """Word ids from the pieces' word-start markers (a new sequence starts a new word too)."""
+    out: list[int | None] = []
+    word = -1
+    for p, (t, s) in enumerate(zip(tokens, seq_ids, strict=True)):
+        if s is None:
+            out.append(None)
+            continue
+        if word < 0 or t.startswith(WORD_START) or seq_ids[p - 1] != s:
+            word += 1
+        out.append(word)
+    return out
+
+
+def _from_encoding(enc: Any, j: int, specials: set[int], by_marker: bool = False) -> EncodedText:
     ids = np.asarray(enc["input_ids"][j], dtype=np.int64)
     tti = enc.get("token_type_ids")
     tt = np.asarray(tti[j], dtype=np.int64) if tti is not None else None
-    word_ids = enc.word_ids(j)
     seq_ids = enc.sequence_ids(j)
+    word_ids = _marker_words(enc.tokens(j), seq_ids) if by_marker else enc.word_ids(j)
     L = len(ids)
     scorable = np.array(
         [seq_ids[p] is not None and int(ids[p]) not in specials for p in range(L)], dtype=bool
