@@ -63,7 +63,7 @@ def score_shard(
     return {
         "split": split, "texts": st.texts, "cached": st.cached, "scored": st.scored,
         "tokens_scored": st.tokens_scored, "seconds": st.seconds, "sum_logp": st.sum_logp,
-        "n_logp": st.n_logp, "scorer_key": st.scorer_key,
+        "n_logp": st.n_logp, "scorer_key": st.scorer_key, "path": st.path, "path_reason": st.path_reason,
     }  # fmt: skip
 
 
@@ -122,11 +122,13 @@ def summarise(cfg: RunConfig, results: list[dict[str, Any]], wall_seconds: float
     tokens = sum(s["tokens_scored"] for s in splits.values())
     seconds = sum(s["seconds"] for s in splits.values())
     keys = {r["scorer_key"] for r in results if r["scorer_key"]}
+    paths = {(r.get("path"), r.get("path_reason")) for r in results if r.get("path")}
+    path, reason = next(iter(paths), (None, "nothing scored: every text came from the store"))
     return {
         "domain": cfg.domain.name, "scorer_key": next(iter(keys), None), "store": str(cfg.score_store_dir()),
         "splits": splits, "tokens_scored": tokens, "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else 0.0, "wall_seconds": wall_seconds,
-        "scope": why or [],
+        "scope": why or [], "path": path, "path_reason": reason,
     }  # fmt: skip
 
 
@@ -140,6 +142,7 @@ def to_markdown(summary: dict[str, Any], cfg: RunConfig) -> str:
         + f", max_length {cfg.model.max_length}. Store key `{summary['scorer_key']}` in `{summary['store']}`.",
         "",
         *(f"- {line}" for line in summary["scope"]),
+        f"- scoring path: {summary['path'] or 'none'} ({summary['path_reason']})",
         "",
         "| split | texts | from store | newly scored | tokens scored | tokens/s | mean log p (nats/token) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -203,8 +206,9 @@ def score(config: str | Path | RunConfig | dict, overrides: list[str] | None = N
         description=f"Vanilla-model PLL scores of {cfg.domain.name}",
     )
     get_run_logger().info(
-        "scored %d tokens (%.1f tokens/s of model time; %.1f s end to end)",
+        "scored %d tokens (%.1f tokens/s of model time; %.1f s end to end); path %s: %s",
         summary["tokens_scored"], summary["tokens_per_s"], summary["wall_seconds"],
+        summary["path"] or "none", summary["path_reason"],
     )  # fmt: skip
     return summary
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from families import FAMILIES
+
 from l3m.scoring import PLLScorer, make_plan
 from l3m.scoring.plans import EncodedText, encode
 
@@ -119,10 +119,9 @@ def test_word_boundaries_follow_each_tokenizers_markers(family_models, family: s
 def test_word_starts_from_markers_without_a_pre_tokenizer(shared_data: Path):
     """A SentencePiece conversion that marks words in the normalizer has no pre-tokenizer: one
     word per sequence by word_ids(); the "▁" pieces then give the word starts."""
+    from families import SPECIALS, corpus, train_tokenizer
     from tokenizers import normalizers
     from transformers import PreTrainedTokenizerFast
-
-    from families import SPECIALS, corpus, train_tokenizer
 
     sp = SPECIALS["roberta"]
     tok = train_tokenizer("unigram", sp, list(corpus(shared_data, 500)))
@@ -174,3 +173,38 @@ def test_a_head_that_is_not_position_wise_falls_back_to_full_logits(family_model
     assert scorer.path == "generic-full-logits" and "not position-wise" in scorer.path_reason
     got = scorer.score(ITEMS[1:3], metric="original", max_length=32)
     assert all(np.isfinite(g[1:-1]).all() for g in got)
+
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spm.model", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "chat_template.jinja"]  # fmt: skip
+
+
+def test_identity_covers_every_tokenizer_file(family_models, tmp_path: Path):
+    """Changing (or adding) any file a tokenizer may load gives new score keys and new run ids;
+    a file no tokenizer reads (a README) changes neither."""
+    import shutil
+
+    from l3m import experiment
+    from l3m.config import RunConfig
+    from l3m.scoring.keys import scorer_key
+
+    def keys(model: Path) -> tuple[str, set[str]]:
+        cfg = RunConfig(domain={"name": "toy", "splits": {"train": {"path": "x.jsonl"}}, "metric": "accuracy"},
+                        model={"name_or_path": str(model), "max_length": 32},
+                        strategies=[{"kind": "none"}, {"kind": "l3"}], training={"seeds": [1]})  # fmt: skip
+        return (scorer_key(str(model), None, "within_word_l2r", 32, "exact", 4),
+                {k.run_id for k, _ in experiment.plan_runs(cfg, "data")})
+
+    base_dir = tmp_path / "base"
+    shutil.copytree(family_models["xlm-roberta"], base_dir)
+    base = keys(base_dir)
+    for i, name in enumerate(TOKENIZER_FILES):
+        changed = tmp_path / f"changed-{i}"
+        shutil.copytree(base_dir, changed)
+        with open(changed / name, "ab") as fh:  # appended to an existing file, or a new one
+            fh.write(b"\n")
+        new = keys(changed)
+        assert new[0] != base[0] and not (new[1] & base[1]), name
+    (base_dir / "README.md").write_text("a model card\n")
+    assert keys(base_dir) == base

@@ -48,6 +48,9 @@ def test_score_flow_store_rerun_and_new_texts(prefect_harness, toy_domain, tiny_
     assert "mean log p" in artifact and "| train | 60 | 0 | 60 |" in artifact
     # Model time of the shards (they share one scorer, so it never exceeds the phase's wall clock).
     assert 0 < first["seconds"] <= first["wall_seconds"] and "s end to end" in artifact
+    # The summary says which scoring path ran, and why.
+    assert first["path"] == "packed" and "BERT-layout" in first["path_reason"]
+    assert "scoring path: packed (BertForMaskedLM: BERT-layout" in artifact
 
     def no_model(*a, **k):
         raise AssertionError("an already-scored domain must not load a model")
@@ -55,7 +58,7 @@ def test_score_flow_store_rerun_and_new_texts(prefect_harness, toy_domain, tiny_
     monkeypatch.setattr(api, "get_scorer", no_model)
     again = score(str(path))
     assert all(s["scored"] == 0 and s["cached"] == s["texts"] for s in again["splits"].values())
-    assert again["tokens_scored"] == 0
+    assert again["tokens_scored"] == 0 and again["path"] is None and "from the store" in again["path_reason"]
 
     monkeypatch.setattr(api, "get_scorer", real_get_scorer)
     train = toy_domain.root / "toy" / "train.jsonl"

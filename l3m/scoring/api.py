@@ -49,6 +49,8 @@ class ScoreStats:
     tokens_scored: int = 0  # scorable tokens of the newly scored texts
     seconds: float = 0.0  # model time of the newly scored texts (waits for a shared model excluded)
     scorer_key: str | None = None
+    path: str | None = None  # the scorer's path (packed | generic | generic-full-logits); None: all from the store
+    path_reason: str | None = None
     sum_logp: float = 0.0  # over the scorable tokens of all texts (for mean PLL)
     n_logp: int = 0
     extra: dict[str, float] = field(default_factory=dict)
@@ -106,6 +108,7 @@ def score_texts(
     out: list[np.ndarray | None] = list(found)
     if missing:
         scorer = scorer_obj or get_scorer(model_name, revision, dtype, device)
+        st.path, st.path_reason = scorer.path, scorer.path_reason
         todo = list(missing)
         encs = scorer.encode(todo, max_length)
         order = sorted(range(len(todo)), key=lambda i: -encs[i].length)

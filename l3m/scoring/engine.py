@@ -132,13 +132,18 @@ class PLLScorer:
             self.path = "packed"
             self.path_reason = f"{type(net).__name__}: BERT-layout encoder, absolute positions, known MLM head"
         else:
-            self.generic = TargetForward(self.model, self.compute_dtype, int(self.model.config.vocab_size))
+            self.generic = TargetForward(self.model, self.compute_dtype, self.vocab_size)
             self.path = "generic" if self.generic.hooked else "generic-full-logits"
             self.path_reason = f"{self.generic.reason} (packed path: {why_not})"
-        self.max_targets = None if self.generic is None else max_target_rows(self.model.config.vocab_size, self.device)
+        self.max_targets = None if self.generic is None else max_target_rows(self.vocab_size, self.device)
         self.stats = EngineStats()
         self._lock = threading.Lock()  # one forward at a time: threads share the model and cores
         self._local = threading.local()
+
+    @property
+    def vocab_size(self) -> int:
+        cfg: Any = self.model.config
+        return int(cfg.vocab_size)
 
     @property
     def last_seconds(self) -> float:

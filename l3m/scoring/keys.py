@@ -18,16 +18,19 @@ from pathlib import Path
 
 # Files whose bytes define a model's weights / its tokenizer, in a local model directory.
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.h5", "*.msgpack", "config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
+# Every file a tokenizer of any family may load: tokenizer.json and its configs, WordPiece /
+# byte-level BPE vocabularies and merges, and the SentencePiece models under each family's name
+# (spm.model, spiece.model, sentencepiece.bpe.model, tokenizer.model) and tiktoken files.
+TOKENIZER_PATTERNS = (
+    "tokenizer*.json",
     "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "sentencepiece.bpe.model",
-    "spiece.model",
     "added_tokens.json",
+    "chat_template*",
+    "vocab*.txt",
+    "vocab*.json",
+    "merges*.txt",
+    "*.model",
+    "*.tiktoken",
 )
 _CHUNK = 1 << 20
 
@@ -54,7 +57,7 @@ def model_fingerprint(model_path_or_name: str, revision: str | None = None) -> d
         weights = sorted({f for pat in WEIGHT_PATTERNS for f in p.glob(pat) if f.is_file()})
         if not any(f.name != "config.json" for f in weights):
             raise FileNotFoundError(f"no weight files in model directory {p}")
-        tok = [p / n for n in TOKENIZER_FILES if (p / n).is_file()]
+        tok = sorted({f for pat in TOKENIZER_PATTERNS for f in p.glob(pat) if f.is_file()})
         return {
             "weights": _combine({f.name: file_digest(f) for f in weights}),
             "tokenizer": _combine({f.name: file_digest(f) for f in tok}),
