@@ -273,7 +273,8 @@ def _truncated_flags(
     if not full_rows:
         return flags
     sub_pairs = [pairs[i] for i in full_rows] if pairs is not None else None
-    full = tokenizer([texts[i] for i in full_rows], sub_pairs, truncation=False)["input_ids"]
+    # verbose=False: measuring the untruncated length is the point here, not a mistake to warn of.
+    full = tokenizer([texts[i] for i in full_rows], sub_pairs, truncation=False, verbose=False)["input_ids"]
     for i, row in zip(full_rows, full, strict=True):
         flags[i] = len(row) > max_length
     return flags

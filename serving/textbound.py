@@ -46,12 +46,12 @@ def default_max_chars(max_length: int) -> int:
 
 def content_tokens(tokenizer: Any, text: str) -> int:
     """Tokens of ``text`` other than special tokens (``[CLS]`` / ``[SEP]`` / ``<s>`` ...)."""
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _decisive(tokenizer: Any, prefix: str, max_length: int) -> bool:
     """Whether the words of ``prefix`` before its unsure tail already give > max_length tokens."""
-    enc = tokenizer(prefix, add_special_tokens=False)
+    enc = tokenizer(prefix, add_special_tokens=False, verbose=False)
     words = [w for w in enc.word_ids() if w is not None]
     if len(words) <= max_length:
         return False

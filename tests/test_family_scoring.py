@@ -208,3 +208,56 @@ def test_identity_covers_every_tokenizer_file(family_models, tmp_path: Path):
         assert new[0] != base[0] and not (new[1] & base[1]), name
     (base_dir / "README.md").write_text("a model card\n")
     assert keys(base_dir) == base
+
+
+def test_a_model_load_logs_one_line_and_the_table_at_debug(family_models):
+    import logging
+
+    from transformers import AutoModelForSequenceClassification
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    seen, debug = Keep(), Keep()
+    logging.getLogger("transformers").addHandler(seen)
+    logging.getLogger("l3m.loads").addHandler(debug)
+    logging.getLogger("l3m.loads").setLevel(logging.DEBUG)
+    try:
+        AutoModelForSequenceClassification.from_pretrained(family_models["modernbert"], num_labels=3)
+    finally:
+        logging.getLogger("transformers").removeHandler(seen)
+        logging.getLogger("l3m.loads").removeHandler(debug)
+    reports = [r.getMessage() for r in seen.records if "ModernBertForSequenceClassification" in r.getMessage()]
+    assert len(reports) == 1 and "\n" not in reports[0], reports
+    assert "newly initialised classifier.weight, classifier.bias" in reports[0]
+    assert "not used decoder.bias" in reports[0]
+    assert any("LOAD REPORT" in r.getMessage() and "MISSING" in r.getMessage() for r in debug.records)
+
+
+def test_measuring_a_long_texts_length_does_not_warn(family_models):
+    """The long-text bound measures untruncated lengths on purpose: no "Token indices ..." warning."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from serving.model_io import _truncated_flags
+    from serving.textbound import content_tokens
+
+    tok = AutoTokenizer.from_pretrained(family_models["roberta"])
+    text = "word " * 400
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        assert content_tokens(tok, text) > tok.model_max_length
+        ids = tok([text], truncation=True, max_length=32)["input_ids"]
+        assert _truncated_flags(tok, 32, [text], None, ids, [False]) == [True]
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [m for m in records if "Token indices" in m]
