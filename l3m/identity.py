@@ -30,6 +30,13 @@ EXPERIMENTS_DIR = "experiments"
 # Settings that only matter to strategies with an auxiliary MLM loss: STL runs ignore them, so a
 # changed lambda must not retrain the STL baseline.
 MLM_ONLY = {"mlm_weight", "use_unlabelled", "mlm_batch"}
+# Child-Tuning's parameter set no longer reaches the auxiliary MLM head: child_d's scope is taken
+# from the encoder's layer stack only (a name match over the whole model also caught RoBERTa's,
+# XLM-R's and MPNet's lm_head.layer_norm and DistilBERT's vocab_layer_norm), and child_f leaves
+# the MLM head's gradients unmasked. Only runs with an MLM model can differ, so only they get
+# the marker: STL and full-tuner identities stay what they were, and so do weight_mask ones
+# (their set always came from the classifier alone, and is unchanged for every family).
+ENCODER_SCOPED_TUNERS = {"child_d", "child_f"}
 
 
 def digest(obj: Any) -> str:
@@ -62,6 +69,8 @@ def run_identity(cfg: RunConfig, strategy: MaskingSpec, tuner: TunerSpec, seed: 
         "data": data_fingerprint,
         "scores": score_key if strategy.kind == "l3" else None,
     }
+    if uses_mlm and tuner.kind in ENCODER_SCOPED_TUNERS:
+        ident["tuner_scope"] = "encoder-layers"
     if uses_mlm and cfg.weighting.kind != "fixed":
         # Learned weights change an MLM run; fixed is the training.mlm_weight already above,
         # so fixed (and STL) identities stay what they were before weightings existed.

@@ -16,10 +16,14 @@ checkpoints l3m starts from usually do not ship one (it is freshly initialised).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
 from l3m.config import TrainingSpec
 from l3m.tuning.base import find_classifier, head_prefixes, is_head_param, split_decay
@@ -63,27 +67,151 @@ def param_groups(model: nn.Module, t_cfg: TrainingSpec,
     return [g for g in out if g["params"]]
 
 
+# Why a family's plain export cannot carry the authors' head (the refusal's explanation; which
+# families are refused is decided from the model's structure by ``_authors_plan``).
+_NO_AUTHORS_HEAD = {
+    "distilbert": "its head is pre_classifier + ReLU, and DistilBertForSequenceClassification hard-codes the ReLU",
+    "electra": "its head applies GELU after the dense layer, hard-coded in ElectraClassificationHead",
+    "modernbert": "its head puts a LayerNorm after the activation (ModernBertPredictionHead), which no setting "
+                  "removes",
+}  # fmt: skip
+
+HeadPlan = Callable[[PreTrainedModel], None]
+
+
+def _classifier_dropout(clf: nn.Module) -> nn.Dropout | None:
+    """The dropout a BERT-style classifier applies between its pooled vector and the linear layer."""
+    drop, linear = getattr(clf, "dropout", None), getattr(clf, "classifier", None)
+    return drop if isinstance(drop, nn.Dropout) and isinstance(linear, nn.Linear) else None
+
+
+def _tanh_pooler(clf: PreTrainedModel) -> nn.Module | None:
+    """A base-model pooler computing tanh(dense(first token)): BERT's ``pooler``, ALBERT's
+    ``pooler`` + ``pooler_activation``."""
+    base = clf.base_model
+    pooler = getattr(base, "pooler", None)
+    if isinstance(getattr(pooler, "dense", None), nn.Linear) and isinstance(getattr(pooler, "activation", None), nn.Tanh):
+        return pooler
+    if isinstance(pooler, nn.Linear) and isinstance(getattr(base, "pooler_activation", None), nn.Tanh):
+        return pooler
+    return None
+
+
+def _pooler_plan(clf: PreTrainedModel) -> HeadPlan | None:
+    """BERT, ALBERT: pooler (dense+tanh) -> dropout -> linear lacks the dropout on the first token.
+
+    It is added as a forward pre-hook on the pooler, active in training only, with the head's
+    own dropout rate, so the exported model is the family's plain classifier computing the same
+    function at inference. The pooler is re-initialised: the authors' head starts from scratch.
+    """
+    pooler, drop = _tanh_pooler(clf), _classifier_dropout(clf)
+    if pooler is None or drop is None:
+        return None
+
+    def apply(model: PreTrainedModel) -> None:
+        p = drop.p
+
+        def cls_dropout(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            return (F.dropout(args[0], p=p, training=module.training), *args[1:])
+
+        pooler.register_forward_pre_hook(cls_dropout)
+        pooler.apply(model._init_weights)
+
+    return apply
+
+
+def _context_pooler_plan(clf: PreTrainedModel) -> HeadPlan | None:
+    """DeBERTa: ``ContextPooler`` (first token -> dropout -> dense -> ``pooler_hidden_act``) ->
+    dropout -> linear. Its activation is read from the config at every forward, so setting it to
+    tanh is saved with the export; its dropout is set to the head's rate and the pooler re-initialised."""
+    pooler, drop = getattr(clf, "pooler", None), _classifier_dropout(clf)
+    pooler_drop = getattr(pooler, "dropout", None)
+    if (drop is None or not isinstance(pooler, nn.Module) or not hasattr(clf.config, "pooler_hidden_act")
+            or not isinstance(getattr(pooler, "dense", None), nn.Linear) or not isinstance(pooler_drop, nn.Dropout)):
+        return None  # fmt: skip
+    context_pooler, context_drop = pooler, pooler_drop
+
+    def apply(model: PreTrainedModel) -> None:
+        model.config.pooler_hidden_act = "tanh"
+        model.config.pooler_dropout = context_drop.p = drop.p
+        context_pooler.apply(model._init_weights)
+
+    return apply
+
+
+def _computes_authors_head(head: nn.Module) -> bool:
+    """Whether ``head(features)`` is out_proj(tanh(dense(features[:, 0]))) at inference.
+
+    Checked on a copy with random weights, so it also works on a model built on the meta device
+    and catches an activation the module does not expose (RoBERTa's inline ``torch.tanh``)."""
+    probe = copy.deepcopy(head).to_empty(device="cpu").float().eval()
+    dense, out = probe.get_submodule("dense"), probe.get_submodule("out_proj")
+    if not isinstance(dense, nn.Linear):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in probe.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
+        features = torch.randn(2, 3, dense.in_features, generator=generator)
+        try:
+            got = probe(features)
+        except (TypeError, RuntimeError, ValueError):  # a head that needs more than the features
+            return False
+        return torch.allclose(got, out(torch.tanh(dense(features[:, 0]))), atol=1e-5)
+
+
+def _first_token_head_plan(clf: PreTrainedModel) -> HeadPlan | None:
+    """RoBERTa, XLM-R, MPNet: the checkpoint's own head already is the authors' one (first token
+    -> dropout -> dense -> tanh -> dropout -> out_proj), freshly initialised when the MLM
+    checkpoint has none: nothing to change."""
+    head = getattr(clf, "classifier", None)
+    if not (isinstance(head, nn.Module) and isinstance(getattr(head, "dense", None), nn.Linear)
+            and isinstance(getattr(head, "out_proj", None), nn.Linear)):  # fmt: skip
+        return None
+    return (lambda model: None) if _computes_authors_head(head) else None
+
+
+def _authors_plan(clf: PreTrainedModel) -> HeadPlan | None:
+    for plan in (_pooler_plan, _context_pooler_plan, _first_token_head_plan):
+        found = plan(clf)
+        if found is not None:
+            return found
+    return None
+
+
+def _refusal(clf: PreTrainedModel) -> str:
+    family = clf.config.model_type
+    why = _NO_AUTHORS_HEAD.get(family, "l3m knows no way to make its head compute it")
+    return (f"model.head: authors is not available for {family} ({type(clf).__name__}): the authors' head "
+            f"(first token -> dropout -> dense+tanh -> dropout -> linear) cannot be built while the export stays a "
+            f"plain {type(clf).__name__}; {why}. Use model.head: auto (the family's own head).")  # fmt: skip
+
+
+def authors_head_unsupported(config: PretrainedConfig | str) -> str | None:
+    """None when ``model.head: authors`` works for this model, else why not (naming the family).
+
+    ``config`` is the model's config or a ``model_type`` (e.g. ``"distilbert"``). The classifier
+    is built on the meta device, so the check costs no weights and no download.
+    """
+    cfg = AutoConfig.for_model(config) if isinstance(config, str) else config
+    with torch.device("meta"):
+        clf = AutoModelForSequenceClassification.from_config(cfg)
+    return None if _authors_plan(clf) is not None else _refusal(clf)
+
+
 def apply_head(model: nn.Module, kind: str) -> None:
     """Make the classifier's head the authors' one when ``kind == "authors"``.
 
     The authors' head is CLS -> dropout -> dense+tanh -> dropout -> linear, freshly initialised
-    (their ``cls_pooler`` + feedforward). RoBERTa's own head is exactly that. A BERT-style head
-    (pooler dense+tanh on CLS -> dropout -> linear) lacks the first dropout: it is added as a
-    forward pre-hook on the pooler, active in training only, so the exported model is a plain
-    ``BertForSequenceClassification`` computing the same function at inference. The pooler is
-    re-initialised, as the authors' head starts from scratch.
+    (their ``cls_pooler`` + feedforward). How depends on the family's head layout (the plans
+    above); the exported model is always the family's plain ``...ForSequenceClassification``.
+    A family whose plain classifier cannot compute it is refused (``authors_head_unsupported``
+    says so before a run starts): never a silent fallback to another head.
     """
     if kind == "auto":
         return
     clf = find_classifier(model)
-    pooler = getattr(clf.base_model, "pooler", None)
-    if pooler is None:  # RoBERTa-style: the checkpoint's head is already the authors' one
-        return
-    p = getattr(clf.config, "classifier_dropout", None)
-    p = clf.config.hidden_dropout_prob if p is None else p
-
-    def cls_dropout(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return (F.dropout(args[0], p=p, training=module.training), *args[1:])
-
-    pooler.register_forward_pre_hook(cls_dropout)
-    pooler.apply(clf._init_weights)
+    plan = _authors_plan(clf)
+    if plan is None:
+        raise ValueError(_refusal(clf))
+    plan(clf)

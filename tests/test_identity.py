@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 
 from l3m import experiment
 from l3m import inputs as inputs_module
-from l3m.config import RunConfig
-from l3m.identity import experiment_id
+from l3m.config import MaskingSpec, RunConfig, TunerSpec
+from l3m.identity import experiment_id, run_identity
 from l3m.train import RUN_RECORD, train_one
 
 
@@ -71,6 +71,16 @@ def test_another_base_model_file_changes_the_identity(domain, tiny_model, tmp_pa
     (copy / "config.json").write_text(json.dumps(config))
     after = _ids(cfg)
     assert all(after[k] != before[k] for k in before)
+
+
+def test_child_tuning_runs_with_an_mlm_model_got_a_new_identity(domain, tiny_model, tmp_path):  # noqa: F811
+    """Child-Tuning no longer reaches the MLM head, so its runs with an MLM model may differ from
+    older ones; every other run (STL, full, weight_mask) keeps its identity."""
+    cfg = _cfg(domain, tiny_model, tmp_path)
+    for strategy, tuner, marked in [("l3", "child_d", True), ("random", "child_f", True), ("none", "child_d", False),
+                                    ("none", "child_f", False), ("l3", "full", False), ("l3", "weight_mask", False)]:
+        ident = run_identity(cfg, MaskingSpec(kind=strategy), TunerSpec(kind=tuner), 1, "data-a", "scores")
+        assert ("tuner_scope" in ident) == marked, (strategy, tuner)
 
 
 def test_experiment_id_is_the_set_of_its_runs(domain, tiny_model, tmp_path):  # noqa: F811

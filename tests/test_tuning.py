@@ -196,17 +196,27 @@ def test_child_f_is_unbiased_and_fresh_each_step():
 
 
 def test_child_f_masks_the_gradients_the_trainer_steps_with(base_dir, tmp_path):
-    seen: list[float] = []
+    """The classifier's gradients (embeddings, encoder, task head) are masked; the auxiliary MLM
+    head's are not: it is no part of the network the authors tuned."""
+    seen: list[tuple[float, float]] = []
+
+    def zero_share(params) -> float:
+        grads = [q.grad for q in params if q.grad is not None]
+        return sum(int((g == 0).sum()) for g in grads) / sum(g.numel() for g in grads)
 
     class Probe(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            grads = [q.grad for q in model.parameters() if q.grad is not None]
-            seen.append(sum(int((g == 0).sum()) for g in grads) / sum(g.numel() for g in grads))
+            # The encoder's gradients have no zeros of their own (unused embedding rows do).
+            clf = model.classifier_model
+            seen.append((zero_share([*clf.bert.encoder.parameters(), *clf.classifier.parameters()]),
+                         zero_share(model.mlm_head.parameters())))
 
     model = TinyMultiTask(base_dir)
     tuner = build_tuner(TunerSpec(kind="child_f", reserve_p=0.4))
     train(tuner.prepare(model), tuner, tmp_path, steps=2, extra=[Probe()])
-    assert len(seen) == 2 and all(0.55 < s < 0.65 for s in seen)
+    assert {id(p) for p in tuner._params} == {id(p) for p in model.classifier_model.parameters()}
+    assert len(seen) == 2 and all(0.55 < clf < 0.65 for clf, _ in seen), seen
+    assert all(mlm < 0.05 for _, mlm in seen), seen
 
 
 # ----------------------------------------------------------------------- Child-Tuning_D

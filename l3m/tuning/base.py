@@ -122,16 +122,51 @@ def is_head_param(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def scoped_parameters(model: nn.Module, scope: str) -> Iterator[tuple[str, nn.Parameter]]:
-    """Trainable parameters whose name contains ``scope`` (Child-Tuning's ``'layer' in name``).
+def encoder_layer_stack(clf: PreTrainedModel) -> list[nn.ModuleList]:
+    """The encoder's block lists: the outermost ``nn.ModuleList`` s with parameters inside ``clf.base_model``.
 
-    The match is case-sensitive like the authors' code: ``"layer"`` selects
-    ``encoder.layer.N.*`` and not ``LayerNorm``. Shared parameters appear once
-    (``named_parameters`` de-duplicates), so an encoder shared by two heads is counted once.
+    One structural rule for every family instead of a name per family: BERT, RoBERTa, XLM-R,
+    ELECTRA, DeBERTa-v2 and MPNet ``encoder.layer``, DistilBERT ``transformer.layer``, ALBERT's
+    shared ``encoder.albert_layer_groups``, ModernBERT ``layers``. Embeddings, relative-position
+    tables, final norms, poolers and every head (the task head, the MLM head of the multi-task
+    model) are outside these lists, so a scope taken from them cannot reach them.
     """
+    stack: list[nn.ModuleList] = []
+    inside: set[int] = set()
+    for _, module in clf.base_model.named_modules():
+        if id(module) in inside or not isinstance(module, nn.ModuleList):
+            continue
+        if any(True for _ in module.parameters()):
+            stack.append(module)
+            inside.update(id(m) for m in module.modules())
+    if not stack:
+        raise ValueError(f"{type(clf).__name__}: no encoder layer list (nn.ModuleList) found in its base model")
+    return stack
+
+
+def scoped_parameters(model: nn.Module, scope: str) -> Iterator[tuple[str, nn.Parameter]]:
+    """Trainable encoder-layer parameters whose name contains ``scope`` (Child-Tuning's ``'layer' in name``).
+
+    The candidates are the parameters of the encoder's layer stack (``encoder_layer_stack``),
+    named as in ``model``; ``scope`` then narrows them by name, case-sensitively like the
+    authors' code. A bare substring over the whole model would also catch an MLM head's
+    ``lm_head.layer_norm`` (RoBERTa, XLM-R, MPNet) or ``vocab_layer_norm`` (DistilBERT). Shared
+    parameters appear once (``named_parameters`` de-duplicates), so an encoder shared by two
+    heads is counted once.
+    """
+    layers = {id(p) for block in encoder_layer_stack(find_classifier(model)) for p in block.parameters()}
     for name, param in model.named_parameters():
-        if param.requires_grad and scope in name:
+        if param.requires_grad and id(param) in layers and scope in name:
             yield name, param
+
+
+def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of the classifier inside ``model``: embeddings, encoder, task head.
+
+    What the Child-Tuning authors' optimizer held; an auxiliary MLM head (its own transform and
+    output bias; the decoder weight is the shared input embedding) is not among them.
+    """
+    return [p for p in find_classifier(model).parameters() if p.requires_grad]
 
 
 def split_decay(named: Iterable[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

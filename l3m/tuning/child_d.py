@@ -6,8 +6,9 @@ one global threshold form the child network. For the whole run the gradients of 
 weights in the scope are zeroed.
 
 Scope, as in the authors' code (``'layer' in name``): the Fisher selection covers trainable
-parameters whose name contains ``spec.scope`` -- the encoder layers -- while embeddings and
-heads are outside the selection and update normally.
+parameters of the encoder's layer stack whose name contains ``spec.scope`` (``scoped_parameters``:
+the layer list of every family, never an MLM head's ``layer_norm``), while embeddings and heads
+are outside the selection and update normally.
 
 Deviations of the authors' code (AliceMind/ChildTuning/ChildTuningD.py) from the paper, and
 what is followed here (docs/tuning.md has the table):
@@ -201,7 +202,7 @@ class ChildDTuner(Tuner):
             raise ValueError("child_d needs fisher_batches to estimate Fisher information")
         named = list(scoped_parameters(model, self.spec.scope))
         if not named:
-            raise ValueError(f"no trainable parameter name contains scope {self.spec.scope!r}")
+            raise ValueError(f"no trainable encoder-layer parameter name contains scope {self.spec.scope!r}")
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         if torch.cuda.is_available():  # the Fisher pass is a full backward per example: use the GPU

@@ -9,7 +9,9 @@ clipping and before ``optimizer.step()``. The authors' ``ChildTuningAdamW`` drew
 ``step()`` -- also after the Trainer's clipping -- so the order clip -> mask -> Adam is the same.
 Scope: the authors' optimizer applies the F mask to *every* parameter it holds (embeddings,
 encoder layers and classifier alike; only Child-Tuning_D restricts to names containing
-"layer"), and so do we: all trainable parameters. ``spec.scope`` is a Child-Tuning_D setting.
+"layer"), and so do we: every trainable parameter of the classifier. An auxiliary MLM head
+(l3m's multi-task model) is not part of the network the authors tuned, and its gradients are
+left unmasked, for every family. ``spec.scope`` is a Child-Tuning_D setting.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from l3m.tuning.base import FisherBatches, Tuner, register_tuner
+from l3m.tuning.base import FisherBatches, Tuner, classifier_parameters, register_tuner
 
 
 @torch.no_grad()
@@ -47,8 +49,8 @@ class ChildFCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         params = self.params
-        if params is None:  # prepare() was not called: mask whatever the Trainer trains
-            params = [q for q in kwargs["model"].parameters() if q.requires_grad]
+        if params is None:  # prepare() was not called: the classifier of the model the Trainer trains
+            params = classifier_parameters(kwargs["model"])
         bernoulli_mask_gradients(params, self.p)
 
 
@@ -58,7 +60,7 @@ class ChildFTuner(Tuner):
         self._params: list[nn.Parameter] | None = None
 
     def prepare(self, model: nn.Module, fisher_batches: FisherBatches | None = None) -> nn.Module:
-        self._params = [q for q in model.parameters() if q.requires_grad]
+        self._params = classifier_parameters(model)
         return model
 
     def callbacks(self) -> list[TrainerCallback]:

@@ -10,8 +10,9 @@ A trained domain is then stored as one bit per masked weight plus the head
 Choices, following the authors' code (ptlmasking/maskbert, masking/maskers.py, main.py):
 
 * Layers: every ``nn.Linear`` of the encoder blocks (Q, K, V, attention output, intermediate,
-  output) -- modules whose name contains ``spec.scope`` -- plus the pooler's dense layer, which
-  the authors "absorb" into the masked set. Biases are not masked (their ``mask_biases=False``).
+  output) -- modules of the encoder's layer stack (``encoder_layer_stack``, for every family)
+  whose name contains ``spec.scope`` -- plus a BERT-style pooler's dense layer, which the authors
+  "absorb" into the masked set. Biases are not masked (their ``mask_biases=False``).
 * Score init (their default ``MaskedLinear1`` without controlled init): s ~ U(-a, b) with
   a = 0.02 and b = (a + tau) / sparsity - a, so a fraction ``initial_sparsity`` starts below tau.
 * Threshold: the paper writes 1[s >= tau], their binarizer 1[s > tau]; the two differ only on a
@@ -37,6 +38,7 @@ from l3m.config import TunerSpec
 from l3m.tuning.base import (
     FisherBatches,
     Tuner,
+    encoder_layer_stack,
     find_classifier,
     head_prefixes,
     is_head_param,
@@ -112,14 +114,19 @@ def masked_modules(module: nn.Module) -> dict[str, MaskedLinear]:
 
 
 def _linears_to_mask(clf: PreTrainedModel, scope: str, mask_head: bool) -> list[str]:
+    """Names of the ``nn.Linear`` s to mask: those of the encoder's layer stack whose name contains
+    ``scope``, a BERT-style pooler's dense layer, and with ``mask_head`` the task head's."""
     heads = head_prefixes(clf)
+    layers = {id(m) for block in encoder_layer_stack(clf) for m in block.modules()}
     pooler = f"{clf.base_model_prefix}.pooler.dense"
     names = []
     for name, module in clf.named_modules():
         if type(module) is not nn.Linear:  # exact type, as the authors' replace()
             continue
-        in_head = is_head_param(name, heads)
-        if (not in_head and (scope in name or name == pooler)) or (in_head and mask_head):
+        if is_head_param(name, heads):
+            if mask_head:
+                names.append(name)
+        elif name == pooler or (id(module) in layers and scope in name):
             names.append(name)
     return names
 
