@@ -194,8 +194,12 @@ def authors_head_unsupported(config: PretrainedConfig | str) -> str | None:
     is built on the meta device, so the check costs no weights and no download.
     """
     cfg = AutoConfig.for_model(config) if isinstance(config, str) else config
-    with torch.device("meta"):
-        clf = AutoModelForSequenceClassification.from_config(cfg)
+    try:
+        with torch.device("meta"):
+            clf = AutoModelForSequenceClassification.from_config(cfg)
+    except ValueError:  # transformers has no sequence-classification class for this model type
+        return (f"model.head: authors is not available for {cfg.model_type}: transformers has no "
+                f"AutoModelForSequenceClassification for it, so it has no head to make the authors' one")  # fmt: skip
     return None if _authors_plan(clf) is not None else _refusal(clf)
 
 

@@ -205,3 +205,10 @@ def test_authors_head_is_refused_naming_the_family(family, family_models):
     with pytest.raises(ValueError, match=f"for {config.model_type} "):
         apply_head(model, "authors")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before any change
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "clip"])
+def test_authors_head_is_refused_for_a_family_without_such_a_head(model_type):
+    """A family that matches no rule (GPT-2 scores its last token) or has no classifier at all (CLIP)."""
+    reason = authors_head_unsupported(model_type)
+    assert reason is not None and f"for {model_type}" in reason
