@@ -32,7 +32,7 @@ from flows.register import build_bento_task, register_once, registered_lines
 from flows.score import score
 from flows.train import train
 from flows.validate import validate_task
-from l3m.modelcheck import check_model
+from l3m.modelcheck import check_run_model
 
 
 def best_run(runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
     log = get_run_logger()
     overrides = overrides or []
     cfg = as_config(Path(config), overrides)
-    check_model(cfg.model)  # a bad model path or hub id fails here, before any data work
+    check_run_model(cfg)  # a bad model, or one that cannot do what the run asks, fails here
     out_dir = cfg.resolved_output_dir()
 
     validation = validate_task(cfg)

@@ -33,7 +33,7 @@ from flows.common import artifact_key, as_config, load_data
 from l3m import experiment
 from l3m.config import RunConfig
 from l3m.data.loading import LoadedDomain
-from l3m.modelcheck import check_model
+from l3m.modelcheck import check_run_model
 from l3m.scoring import ScoreStats, ScoreStore, score_texts
 
 Item = tuple[str, str | None]
@@ -173,7 +173,7 @@ def score(config: str | Path | RunConfig | dict, overrides: list[str] | None = N
     it the domain's data is validated into one first.
     """
     cfg = as_config(config, overrides)
-    check_model(cfg.model)  # a bad model path or hub id fails here, before any data work
+    check_run_model(cfg, training=False)  # a bad model, or one that cannot score, fails here
     if snapshot is None:
         from flows.train import ensure_snapshot
 

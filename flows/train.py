@@ -20,7 +20,7 @@ from flows.common import artifact_key, as_config, load_data
 from l3m import experiment
 from l3m.config import ConfigError, RunConfig
 from l3m.identity import RunKey, experiment_dir
-from l3m.modelcheck import check_model
+from l3m.modelcheck import check_run_model
 from l3m.train import RUN_RECORD
 
 
@@ -72,7 +72,7 @@ def train(config: str | Path | RunConfig | dict, overrides: list[str] | None = N
     validate step wrote); without it the domain's data is validated into one first.
     """
     cfg = as_config(config, overrides)
-    check_model(cfg.model)  # a bad model path or hub id fails here, before any data work
+    check_run_model(cfg)  # a bad model, or one that cannot do what the run asks, fails here
     snapshot = snapshot or ensure_snapshot(cfg)
     prepared = prepare_task(cfg, snapshot)
     runs = [train_run_task.with_options(task_run_name=f"train-{k[0]}-{k[1]}-seed{k[2]}")(cfg, snapshot, k)
@@ -101,7 +101,7 @@ def torchrun_train(config: Path, overrides: list[str], nproc: int) -> int:
         # Its task-weight update is per process; refused before any work, not in every rank.
         raise ConfigError(f"{config}: weighting.kind=meta_tartan runs in one process; use --nproc 1 or "
                           "--set weighting.kind=fixed")
-    check_model(cfg.model)
+    check_run_model(cfg)
     snapshot = ensure_snapshot(cfg)
     args = [str(config), *overrides, "--snapshot", snapshot]
     prep = subprocess.run([sys.executable, "-m", "l3m.experiment", *args, "--prepare-only"], check=False)

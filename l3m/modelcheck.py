@@ -4,7 +4,8 @@ Without this check a missing path or an unknown hub id surfaces only when scorin
 model, after validation has run, as transformers' ``OSError: Repo id must be in the form ...``
 (a local path that does not exist is taken for a malformed hub id). The check loads what
 every later step loads first, the model config and the tokenizer, and turns each failure into
-a ``ConfigError`` naming the field, the location and the reason.
+a ``ConfigError`` naming the field, the location and the reason. ``check_run_model`` then checks
+what the run's steps need of the model's family (``l3m.capabilities``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from huggingface_hub import constants as hub_constants
 
-from l3m.config import DEFAULT_SHARED, ENV_MODEL_ROOT, ConfigError, ModelSpec
+from l3m.config import DEFAULT_SHARED, ENV_MODEL_ROOT, ConfigError, ModelSpec, RunConfig
 
 FIELD = "model.name_or_path"
 
@@ -61,4 +62,14 @@ def check_model(spec: ModelSpec) -> str:
                               "offline mode is on (HF_HUB_OFFLINE=1); "
                               "give a local model directory, or turn offline mode off to download it") from None
         raise ConfigError(f"{FIELD}: {where} it cannot be resolved: {e}") from None
+    return location
+
+
+def check_run_model(cfg: RunConfig, training: bool = True) -> str:
+    """``check_model``, then what the run asks of the model (``l3m.capabilities``): every step's
+    needs are refused here, before validation, naming the family and the feature."""
+    from l3m.capabilities import check_capabilities
+
+    location = check_model(cfg.model)
+    check_capabilities(cfg, location, training)
     return location

@@ -158,6 +158,20 @@ def test_run_with_missing_model_path_stops_before_validation(prefect_env, toy_do
     assert not (tmp_path / "runs" / "toy" / "validation").exists(), "validation ran before the model check"
 
 
+def test_a_model_that_cannot_do_a_step_is_refused_before_validation(prefect_env, toy_domain, family_models,
+                                                                    tmp_path):
+    """ELECTRA's discriminator has no MLM head: L3 (scoring + MLM task) is refused up front, by name."""
+    from test_capabilities import _without_mlm_head
+
+    disc = _without_mlm_head(family_models["electra"], tmp_path / "disc", "ElectraForPreTraining")
+    cfg = _config(tmp_path, {"domain": toy_domain(), "model": {"name_or_path": str(disc)},
+                             "strategies": [{"kind": "none"}, {"kind": "l3"}]})  # fmt: skip
+    _assert_user_error(_cli(prefect_env, tmp_path, "run", cfg), "(electra family)",
+                       "no pretrained masked-LM head", "MLM strategies ['l3']", "PLL scoring (for L3)")
+    assert "Retrying" not in _cli(prefect_env, tmp_path, "score", cfg).stderr
+    assert not (tmp_path / "runs" / "toy" / "validation").exists(), "validation ran before the model check"
+
+
 def test_hub_id_while_offline(prefect_env, toy_domain, tmp_path):
     cfg = _config(tmp_path, {"domain": toy_domain(), "model": {"name_or_path": "nobody/no-such-model"}})
     _assert_user_error(_cli(prefect_env, tmp_path, "score", cfg),
