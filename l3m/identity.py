@@ -30,13 +30,22 @@ EXPERIMENTS_DIR = "experiments"
 # Settings that only matter to strategies with an auxiliary MLM loss: STL runs ignore them, so a
 # changed lambda must not retrain the STL baseline.
 MLM_ONLY = {"mlm_weight", "use_unlabelled", "mlm_batch"}
-# Child-Tuning's parameter set no longer reaches the auxiliary MLM head: child_d's scope is taken
-# from the encoder's layer stack only (a name match over the whole model also caught RoBERTa's,
-# XLM-R's and MPNet's lm_head.layer_norm and DistilBERT's vocab_layer_norm), and child_f leaves
-# the MLM head's gradients unmasked. Only runs with an MLM model can differ, so only they get
-# the marker: STL and full-tuner identities stay what they were, and so do weight_mask ones
-# (their set always came from the classifier alone, and is unchanged for every family).
-ENCODER_SCOPED_TUNERS = {"child_d", "child_f"}
+# The tuners' parameter sets are taken from the encoder's layer stack, no longer by a name match
+# over the whole model (l3m.tuning.base.encoder_layer_stack). With the default scope that match
+# found the stack and nothing else in every classifier, but also RoBERTa's, XLM-R's and MPNet's
+# lm_head.layer_norm and DistilBERT's vocab_layer_norm in an MLM model; another scope could
+# reach beyond the stack in any model (e.g. "bias": the task head's too). child_f now leaves the
+# MLM head's gradients unmasked. The runs whose set can differ get the marker, the others keep
+# their identity: STL and weight_mask with the default scope, and every full-tuner run.
+DEFAULT_SCOPE = TunerSpec.model_fields["scope"].default
+
+
+def _selection_changed(tuner: TunerSpec, uses_mlm: bool) -> bool:
+    if tuner.kind == "child_f":
+        return uses_mlm
+    if tuner.kind == "child_d":
+        return uses_mlm or tuner.scope != DEFAULT_SCOPE
+    return tuner.kind == "weight_mask" and tuner.scope != DEFAULT_SCOPE
 
 
 def digest(obj: Any) -> str:
@@ -69,7 +78,7 @@ def run_identity(cfg: RunConfig, strategy: MaskingSpec, tuner: TunerSpec, seed: 
         "data": data_fingerprint,
         "scores": score_key if strategy.kind == "l3" else None,
     }
-    if uses_mlm and tuner.kind in ENCODER_SCOPED_TUNERS:
+    if _selection_changed(tuner, uses_mlm):
         ident["tuner_scope"] = "encoder-layers"
     if uses_mlm and cfg.weighting.kind != "fixed":
         # Learned weights change an MLM run; fixed is the training.mlm_weight already above,

@@ -73,14 +73,18 @@ def test_another_base_model_file_changes_the_identity(domain, tiny_model, tmp_pa
     assert all(after[k] != before[k] for k in before)
 
 
-def test_child_tuning_runs_with_an_mlm_model_got_a_new_identity(domain, tiny_model, tmp_path):  # noqa: F811
-    """Child-Tuning no longer reaches the MLM head, so its runs with an MLM model may differ from
-    older ones; every other run (STL, full, weight_mask) keeps its identity."""
+def test_runs_whose_tuner_scope_changed_got_a_new_identity(domain, tiny_model, tmp_path):  # noqa: F811
+    """Tuner scopes are the encoder's layer stack now: the runs whose parameter set can differ
+    from before get a new identity (an MLM head in reach, or a scope other than the default);
+    the rest (STL and weight_mask with the default scope, full) keep theirs."""
     cfg = _cfg(domain, tiny_model, tmp_path)
-    for strategy, tuner, marked in [("l3", "child_d", True), ("random", "child_f", True), ("none", "child_d", False),
-                                    ("none", "child_f", False), ("l3", "full", False), ("l3", "weight_mask", False)]:
-        ident = run_identity(cfg, MaskingSpec(kind=strategy), TunerSpec(kind=tuner), 1, "data-a", "scores")
-        assert ("tuner_scope" in ident) == marked, (strategy, tuner)
+    for strategy, tuner, scope, marked in [
+        ("l3", "child_d", "layer", True), ("random", "child_f", "layer", True), ("none", "child_d", "bias", True),
+        ("none", "weight_mask", "dense", True), ("none", "child_d", "layer", False), ("none", "child_f", "layer", False),
+        ("l3", "weight_mask", "layer", False), ("l3", "full", "layer", False),
+    ]:  # fmt: skip
+        ident = run_identity(cfg, MaskingSpec(kind=strategy), TunerSpec(kind=tuner, scope=scope), 1, "data-a", "s")
+        assert ("tuner_scope" in ident) == marked, (strategy, tuner, scope)
 
 
 def test_experiment_id_is_the_set_of_its_runs(domain, tiny_model, tmp_path):  # noqa: F811
