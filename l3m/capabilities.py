@@ -117,17 +117,16 @@ def refusals(cfg: RunConfig, caps: Capabilities, training: bool = True) -> list[
             out.append(f"PLL scoring (for {'L3' if needs_scores(cfg) else 'scoring.shift_summary'}): {why}")
     head = _authors_head_refusal(cfg, caps) if training else None
     if head:
-        out.append(f"model.head=authors: {head}")
+        out.append(head)
     return list(dict.fromkeys(out))
 
 
 def _authors_head_refusal(cfg: RunConfig, caps: Capabilities) -> str | None:
     if cfg.model.head != "authors":
         return None
-    from l3m import optim
+    from l3m.optim import authors_head_unsupported
 
-    check = getattr(optim, "authors_head_unsupported", None)
-    return None if check is None else check(caps.family)
+    return authors_head_unsupported(caps.family)
 
 
 def check_capabilities(cfg: RunConfig, location: str, training: bool = True) -> Capabilities:

@@ -65,3 +65,13 @@ def test_a_tokenizer_without_a_mask_token_cannot_mask(family_models, tmp_path):
     with pytest.raises(ConfigError, match="tokenizer has no mask token"):
         check_run_model(_cfg(model, ["random"]))
     check_run_model(_cfg(model, ["none"]))
+
+
+@pytest.mark.parametrize("family,works", [("modernbert", False), ("electra", False), ("roberta", True), ("bert", True)])
+def test_the_authors_head_is_refused_up_front_where_it_cannot_be_built(family_models, family, works):
+    cfg = _cfg(family_models[family], ["none"], head="authors")
+    if works:
+        check_run_model(cfg)
+        return
+    with pytest.raises(ConfigError, match=f"model.head: authors is not available for {family}"):
+        check_run_model(cfg)
