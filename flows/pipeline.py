@@ -75,7 +75,7 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
                     "tokens_scored": scoring["tokens_scored"],
                     "texts_scored": sum(s["scored"] for s in scoring["splits"].values()),
                     "texts_from_store": sum(s["cached"] for s in scoring["splits"].values()),
-                    "scope": scoring["scope"]},
+                    "scope": scoring["scope"], "path": scoring["path"], "path_reason": scoring["path_reason"]},
         "results": trained["results"],
         "runs": [{k: r[k] for k in ("run", "reused", "dev", "test")} for r in trained["runs"]],
         "tokenview": trained["prepared"].get("tokenview"),
