@@ -184,3 +184,10 @@ def build(family: str, out: Path, data_root: Path, seed: int = 0) -> Path:
     model.eval().save_pretrained(out)
     fast.save_pretrained(out)
     return out
+
+
+if __name__ == "__main__":  # python tests/families.py FAMILY OUT_DIR [DATA_ROOT]: one tiny model, for trying
+    import sys
+
+    root = Path(sys.argv[3]) if len(sys.argv) > 3 else Path(__file__).resolve().parents[2] / "shared" / "data"
+    print(build(sys.argv[1], Path(sys.argv[2]), root))
