@@ -10,7 +10,9 @@
 #      DOMAINS, SEEDS, ABLATION_SEEDS; BUDGET: extra overrides for every run (docs/results.md
 #      gives the CPU grid's); PARALLEL=1: every (domain, seed) and ablation run is its own process,
 #      JOBS of them at a time (default all at once: one GPU is far from busy with one small model;
-#      on a CPU, JOBS=2 with OMP_NUM_THREADS=1); DEADLINE: seconds per process.
+#      on a CPU, JOBS=2 with OMP_NUM_THREADS=1); DEADLINE: seconds per process; SNAPSHOTS: a folder
+#      of validated data snapshots, one per domain (SNAPSHOTS/<domain>), read instead of the raw
+#      files (bench/gpu_check.sh: the GPU machine has no Great Expectations or raw data).
 # A rerun reuses every finished run (run identity) and resumes interrupted ones, so a script
 # killed by its deadline is finished by running it again.
 set -uo pipefail
@@ -30,6 +32,7 @@ ABLATIONS=(
   "meta_tartan|weighting.kind=meta_tartan"
 )
 seeds_list() { local IFS=,; echo "[$*]"; }
+snap() { if [ -n "${SNAPSHOTS:-}" ]; then echo "--snapshot=$SNAPSHOTS/$1"; fi; }
 
 pids=()
 launch() {  # launch LOG ARGS...: one experiment process, in the background with PARALLEL=1
@@ -44,20 +47,20 @@ launch() {  # launch LOG ARGS...: one experiment process, in the background with
 }
 
 for d in "${DOMAINS[@]}"; do  # validate + score once per domain (a store read when already done)
-  $PY -m l3m.experiment "configs/paper/$d-$MODEL.yaml" "${BUDGET[@]}" --prepare-only \
+  $PY -m l3m.experiment $(snap "$d") "configs/paper/$d-$MODEL.yaml" "${BUDGET[@]}" --prepare-only \
     > "$L3M_OUTPUT_ROOT/logs/$d-prepare.log" 2>&1 || { echo "prepare $d failed: see logs"; exit 1; }
 done
 for d in "${DOMAINS[@]}"; do
   for s in "${SEEDS[@]}"; do
     launch "$L3M_OUTPUT_ROOT/logs/$d-seed$s.log" \
-      $PY -m l3m.experiment "configs/paper/$d-$MODEL.yaml" "${BUDGET[@]}" "training.seeds=[$s]"
+      $PY -m l3m.experiment $(snap "$d") "configs/paper/$d-$MODEL.yaml" "${BUDGET[@]}" "training.seeds=[$s]"
   done
 done
 for a in "${ABLATIONS[@]}"; do
   name=${a%%|*}; read -r -a over <<< "${a#*|}"
   for s in "${ABL_SEEDS[@]}"; do
     launch "$L3M_OUTPUT_ROOT/logs/ablation-$name-seed$s.log" \
-      $PY -m l3m.experiment "configs/paper/citation_intent-$MODEL.yaml" "${BUDGET[@]}" "$L3" "${over[@]}" "training.seeds=[$s]"
+      $PY -m l3m.experiment $(snap citation_intent) "configs/paper/citation_intent-$MODEL.yaml" "${BUDGET[@]}" "$L3" "${over[@]}" "training.seeds=[$s]"
   done
 done
 for p in "${pids[@]}"; do wait "$p"; done
@@ -65,13 +68,13 @@ for p in "${pids[@]}"; do wait "$p"; done
 # The tables: each experiment over all its seeds (every run is reused; none trains here unless
 # one was cut by the deadline, which then resumes).
 for d in "${DOMAINS[@]}"; do
-  $PY -m l3m.experiment "configs/paper/$d-$MODEL.yaml" "${BUDGET[@]}" "training.seeds=$(seeds_list "${SEEDS[@]}")" \
+  $PY -m l3m.experiment $(snap "$d") "configs/paper/$d-$MODEL.yaml" "${BUDGET[@]}" "training.seeds=$(seeds_list "${SEEDS[@]}")" \
     > "$L3M_OUTPUT_ROOT/logs/$d-table.log" 2>&1
   grep -E "^(results|md):|^md" "$L3M_OUTPUT_ROOT/logs/$d-table.log"
 done
 for a in "${ABLATIONS[@]}"; do
   name=${a%%|*}; read -r -a over <<< "${a#*|}"
-  $PY -m l3m.experiment "configs/paper/citation_intent-$MODEL.yaml" "${BUDGET[@]}" "$L3" "${over[@]}" \
+  $PY -m l3m.experiment $(snap citation_intent) "configs/paper/citation_intent-$MODEL.yaml" "${BUDGET[@]}" "$L3" "${over[@]}" \
     "training.seeds=$(seeds_list "${ABL_SEEDS[@]}")" > "$L3M_OUTPUT_ROOT/logs/ablation-$name-table.log" 2>&1
   echo "$name: $(grep -E '^md:' "$L3M_OUTPUT_ROOT/logs/ablation-$name-table.log")"
 done
