@@ -14,7 +14,10 @@ per request, to everyone, and BentoML's worker does not pass it anyway.
   the end of the previous response; a connection still without a complete head then is
   closed (with a 408 if part of a head had arrived);
 * a cap on open connections: past ``max_connections`` in all, or ``max_per_client`` from one
-  client address, a new connection is answered 503 (429 for one client) and closed at once.
+  client address, a new connection is answered 503 (429 for one client) and closed at once;
+* 400 for a head that repeats Content-Type, Content-Length or Transfer-Encoding: h11 merges
+  equal Content-Length values (as RFC 9110 allows) before the app could see the repetition
+  (``serving.guard`` checks the others for any ASGI server).
 
 ``install`` makes it the protocol of uvicorn's default ``http="auto"`` setting, which is what
 BentoML's worker uses; it must run in the worker before uvicorn's config is loaded, i.e. at the
@@ -27,9 +30,13 @@ import asyncio
 import json
 from typing import ClassVar
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from serving.guard import SINGLE_HEADERS
+
 PROTOCOL_PATH = "serving.connections:GuardedH11Protocol"
+MAX_HEAD_BYTES = 64 * 1024
 
 
 def raw_response(status: int, reason: str, message: str) -> bytes:
@@ -40,12 +47,19 @@ def raw_response(status: int, reason: str, message: str) -> bytes:
     return head.encode() + body
 
 
+def repeated_header(head: bytes) -> str | None:
+    """The first of SINGLE_HEADERS that a raw request head (without its blank line) repeats."""
+    names = [line.split(b":", 1)[0].strip().lower() for line in head.split(b"\r\n")[1:] if b":" in line]
+    return next((n.decode() for n in SINGLE_HEADERS if names.count(n) > 1), None)
+
+
 class GuardedH11Protocol(H11Protocol):
     header_timeout_s: ClassVar[float] = 10.0
     max_connections: ClassVar[int] = 512
     max_per_client: ClassVar[int] = 256
 
     _head_deadline: asyncio.TimerHandle | None = None
+    _head: bytes = b""  # the bytes of a request head not complete yet
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -68,6 +82,15 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and not self._request_running():
+            self._head = (self._head + data)[:MAX_HEAD_BYTES]  # h11 refuses longer heads itself
+            end = self._head.find(b"\r\n\r\n")
+            if end >= 0:
+                repeated = repeated_header(self._head[:end])
+                self._head = b""
+                if repeated is not None:
+                    self._refuse(400, "Bad Request", f"{repeated} header sent more than once; send it once")
+                    return
         super().data_received(data)
         if self._request_running():
             self._disarm_head_deadline()  # the head is complete: the body has its own timeout (guard)

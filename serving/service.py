@@ -155,10 +155,10 @@ class L3MClassifier:
             preds = await self.batcher.submit(rows)
         except Refused as e:
             logger.warning("client error %d on /classify from %s: %s", e.status, client, e.message)
-            return _error(e.status, e.message, e.retry_after)
+            return _error(ctx, e.status, e.message, e.retry_after)
         except Overloaded as e:
             logger.warning("503 overloaded: %s", e)
-            return _error(503, f"overloaded: {e}; retry later", 1)
+            return _error(ctx, 503, f"overloaded: {e}; retry later", 1)
         return [Prediction(**p) for p in preds]
 
     @info_app.get("/metadata")
@@ -173,8 +173,10 @@ class L3MClassifier:
         )
 
 
-def _error(status: int, message: str, retry_after: int | None) -> Any:
-    # A Response is passed through by BentoML as is; the declared type documents the 200.
+def _error(ctx: bentoml.Context, status: int, message: str, retry_after: int | None) -> Any:
+    # BentoML sends a returned Response as is (the declared type documents the 200), except
+    # that an API taking ``ctx`` gets the status code of ``ctx.response``.
+    ctx.response.status_code = status
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
