@@ -121,6 +121,9 @@ def idle_connections_closed(url: str, n: int, wait_s: float) -> dict:
 
 
 def abuser(url: str, on: Any, stop: Any, streams: int, slow: int, out: Any) -> None:
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.ERROR)  # writes to connections the server closed
     asyncio.run(_abuse(url, on, stop, streams, slow, out))
 
 

@@ -10,7 +10,10 @@ request's items are therefore encoded here, once, before it joins a batch:
   tokenizer may read: each text counted up to ``max_chars``): *light* requests (up to
   ``light_chars``) are never shed; *heavy* ones share one thread, at most ``heavy_queue`` of
   them waiting or running, and each client may spend ``heavy_share`` CPU-seconds per second
-  there on average; a client over its share, or a full lane, is answered 429 + Retry-After;
+  there on average, after a burst of one request's budget (a debt repaid over time); a client
+  over its share, or a full lane, is answered 429 + Retry-After;
+* the heavy lane's thread runs at a lower scheduling priority (``HEAVY_NICE``), so when the
+  cores are contended the model's thread and the event loop, which serve everyone, go first;
 * with a CPU budget per request (the lane thread's CPU time, which other processes on the
   host do not inflate): once exceeded between two items, the request is answered 413.
 
@@ -20,7 +23,10 @@ The encoded rows go to the batcher, so the model's thread only pads and runs the
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +34,21 @@ from dataclasses import dataclass
 
 from serving.textbound import Encoded, TextRejected
 
+logger = logging.getLogger("l3m.serving")
+
 # (text, text_pair or None) -> its encoding; raises TextRejected with the client's message.
 Encoder = Callable[[str, str | None], Encoded]
+
+
+# Linux applies nice values per thread: +10 gives this thread a small share of a busy core.
+HEAVY_NICE = 10
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HEAVY_NICE)
+    except (AttributeError, OSError):  # not Linux / not permitted: the lane still works, unprioritised
+        logger.info("could not lower the heavy preflight lane's priority")
 
 
 class Refused(Exception):
@@ -57,8 +76,9 @@ class Preflight:
         self.limits = limits
         self._clock = clock
         # One encoder per lane: a fast tokenizer used from two threads at once can fail.
-        self._lanes = {name: (ThreadPoolExecutor(1, thread_name_prefix=f"l3m-{name}"), make_encoder())
-                       for name in ("light", "heavy")}
+        self._lanes = {name: (ThreadPoolExecutor(1, thread_name_prefix=f"l3m-{name}", initializer=init),
+                              make_encoder())
+                       for name, init in (("light", None), ("heavy", _lower_priority))}
         self._heavy_pending = 0
         self._debt: dict[str, tuple[float, float]] = {}  # client -> (CPU-seconds owed, as of when)
 
@@ -85,8 +105,8 @@ class Preflight:
 
     def _admit_heavy(self, client: str) -> None:
         owed = self._owed(client)
-        if owed > 0:
-            wait = math.ceil(owed / self.limits.heavy_share)
+        if owed > self.limits.cpu_budget_s:  # the burst: one request's budget
+            wait = math.ceil((owed - self.limits.cpu_budget_s) / self.limits.heavy_share)
             raise Refused(429, f"too much expensive tokenizer work from this client recently; retry in {wait} s "
                           f"or send fewer, shorter texts", retry_after=wait)
         if self._heavy_pending >= self.limits.heavy_queue:

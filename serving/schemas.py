@@ -75,7 +75,7 @@ class Settings:
             preflight_cpu_s=_env_float("L3M_PREFLIGHT_CPU_S", 0.5),
             light_chars=_env_int("L3M_LIGHT_CHARS", 0),
             heavy_cpu_share=_env_float("L3M_HEAVY_CPU_SHARE", 0.25),
-            heavy_queue=_env_int("L3M_HEAVY_QUEUE", 2),
+            heavy_queue=_env_int("L3M_HEAVY_QUEUE", 16),
             header_timeout_s=_env_float("L3M_HEADER_TIMEOUT_S", 10),
             max_connections=_env_int("L3M_MAX_CONNECTIONS", 512),
             max_client_connections=_env_int("L3M_MAX_CLIENT_CONNECTIONS", 256),

@@ -72,16 +72,16 @@ def test_over_budget_request_is_413_before_all_items_are_encoded():
 
 def test_a_client_over_its_heavy_share_is_429_others_and_light_requests_are_served():
     clock = Clock()
-    pre = _preflight(cpu_s=0.02, budget=1.0, clock=clock)
+    pre = _preflight(cpu_s=0.02, budget=0.05, clock=clock)  # burst: 0.05 CPU-s owed
     heavy = ["heavy " + "x" * 200]
 
     async def main():
-        assert len(await pre.encode("abuser", heavy, None)) == 1  # 0.02 CPU-s owed, repaid at 0.5/s
+        assert len(await pre.encode("abuser", heavy * 3, None)) == 3  # 0.06 CPU-s owed, repaid at 0.5/s
         with pytest.raises(Refused) as e:
             await pre.encode("abuser", heavy, None)
         assert e.value.status == 429 and e.value.retry_after == 1
         assert len(await pre.encode("abuser", ["light"], None)) == 1  # light requests are never shed
-        assert len(await pre.encode("other", heavy, None)) == 1  # another client has its own share
+        assert len(await pre.encode("other", heavy * 3, None)) == 3  # another client has its own share
         clock.now += 1.0  # repaid
         assert len(await pre.encode("abuser", heavy, None)) == 1
 
