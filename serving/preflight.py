@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from serving.textbound import Encoded, TextRejected
 
@@ -69,6 +69,16 @@ class Limits:
     heavy_queue: int  # heavy requests waiting or running (429 beyond)
 
 
+@dataclass
+class _Work:
+    """One request's items on their way through a lane; ``spent``: the lane's CPU time so far."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    spent: float = 0.0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
 class Preflight:
     def __init__(self, make_encoder: Callable[[], Encoder], max_chars: int, limits: Limits,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -89,19 +99,24 @@ class Preflight:
 
     async def encode(self, client: str, texts: list[str], pairs: list[str] | None) -> list[Encoded]:
         """The request's encoded items, or ``Refused`` (400 bad item, 413 over budget, 429 shed)."""
-        loop = asyncio.get_running_loop()
-        spent = [0.0]
+        work = _Work(texts, pairs)
         if self.size(texts, pairs) <= self.limits.light_chars:
-            executor, encoder = self._lanes["light"]
-            return await loop.run_in_executor(executor, self._encode_all, encoder, texts, pairs, spent)
+            return await self._run("light", work)
         self._admit_heavy(client)
-        executor, encoder = self._lanes["heavy"]
         self._heavy_pending += 1
         try:
-            return await loop.run_in_executor(executor, self._encode_all, encoder, texts, pairs, spent)
+            return await self._run("heavy", work)
         finally:
             self._heavy_pending -= 1
-            self._charge(client, spent[0])
+            self._charge(client, work.spent)
+
+    async def _run(self, lane: str, work: _Work) -> list[Encoded]:
+        executor, encoder = self._lanes[lane]
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, self._encode_all, encoder, work)
+        except asyncio.CancelledError:
+            work.cancelled.set()  # the client is gone or timed out: the lane stops at the next item
+            raise
 
     def _admit_heavy(self, client: str) -> None:
         owed = self._owed(client)
@@ -126,25 +141,26 @@ class Preflight:
     def _charge(self, client: str, cpu_s: float) -> None:
         self._debt[client] = (self._owed(client) + cpu_s, self._clock())
 
-    def _encode_all(self, encoder: Encoder, texts: list[str], pairs: list[str] | None,
-                    spent: list[float]) -> list[Encoded]:
-        """In a lane thread: every item, until the CPU budget runs out (checked between items,
-        so one item's work is the most it can overrun). ``spent[0]``: the CPU time used."""
+    def _encode_all(self, encoder: Encoder, work: _Work) -> list[Encoded]:
+        """In a lane thread: every item, until the CPU budget runs out or the request is
+        cancelled (checked between items, so one item's work is the most either can overrun)."""
         start = time.thread_time()
         rows: list[Encoded] = []
-        try:
-            for i, text in enumerate(texts):
-                if time.thread_time() - start > self.limits.cpu_budget_s:
-                    raise Refused(413, f"the texts need more tokenizer work than one request may take "
-                                  f"({self.limits.cpu_budget_s:g} s of CPU, spent after {i} of {len(texts)} "
-                                  "items): send fewer or shorter texts per request, or texts with shorter words")
-                try:
-                    rows.append(encoder(text, None if pairs is None else pairs[i]))
-                except TextRejected as e:
-                    raise Refused(400, f"texts.{i}: {e}") from None
-            return rows
-        finally:
-            spent[0] = time.thread_time() - start
+        for i, text in enumerate(work.texts):
+            work.spent = time.thread_time() - start
+            if work.cancelled.is_set():  # nobody waits for the answer any more
+                raise Refused(499, "request cancelled while its texts were encoded")
+            if work.spent > self.limits.cpu_budget_s:
+                raise Refused(413, f"the texts need more tokenizer work than one request may take "
+                              f"({self.limits.cpu_budget_s:g} s of CPU, spent after {i} of {len(work.texts)} "
+                              "items): send fewer or shorter texts per request, or texts with shorter words")
+            try:
+                rows.append(encoder(text, None if work.pairs is None else work.pairs[i]))
+            except TextRejected as e:
+                work.spent = time.thread_time() - start
+                raise Refused(400, f"texts.{i}: {e}") from None
+        work.spent = time.thread_time() - start
+        return rows
 
     def close(self) -> None:
         for executor, _ in self._lanes.values():

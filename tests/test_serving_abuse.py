@@ -131,6 +131,34 @@ def test_tokenizer_work_runs_off_the_event_loop(tok):
     pre.close()
 
 
+def test_a_cancelled_request_stops_being_encoded():
+    calls: list[str] = []
+
+    def make():
+        busy = _busy_encoder(0.02)
+
+        def encode(text, pair):
+            calls.append(text)
+            return busy(text, pair)
+
+        return encode
+
+    pre = Preflight(make, 1000, Limits(cpu_budget_s=10, light_chars=100, heavy_share=0.5, heavy_queue=2))
+
+    async def main():
+        job = asyncio.ensure_future(pre.encode("a", ["heavy " + "x" * 200] * 100, None))
+        await asyncio.sleep(0.2)
+        job.cancel()
+        await asyncio.sleep(0.2)  # the lane thread sees the cancellation at its next item
+        n = len(calls)
+        await asyncio.sleep(0.2)
+        return n
+
+    n = asyncio.run(main())
+    assert 1 <= n < 100 and len(calls) == n  # stopped, and nothing more after
+    pre.close()
+
+
 def test_item_errors_name_their_position():
     pre = _preflight()
     with pytest.raises(Refused) as e:
