@@ -33,6 +33,11 @@ class Overloaded(RuntimeError):
     """The queue is full; the message says how much is waiting."""
 
 
+class BatchFailed(RuntimeError):
+    """The model call of a request's batch raised; already logged with its traceback, once per
+    batch (the cause is ``__cause__``)."""
+
+
 @dataclass
 class _Job:
     items: list[Any]
@@ -114,10 +119,12 @@ class MicroBatcher:
             for j in jobs:
                 j.future.cancel()
             return
-        logger.error("batch of %d texts failed", sum(len(j.items) for j in jobs), exc_info=e)
-        error = e if isinstance(e, Exception) else RuntimeError(f"the model call ended with {e!r}")
+        n = sum(len(j.items) for j in jobs)
+        logger.error("batch of %d texts failed", n, exc_info=e)
         for j in jobs:
             if not j.future.done():
+                error = BatchFailed(f"the model call of a batch of {n} texts raised {e!r}")
+                error.__cause__ = e
                 j.future.set_exception(error)
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse
 
 from serving import connections
-from serving.batcher import MicroBatcher, Overloaded
+from serving.batcher import BatchFailed, MicroBatcher, Overloaded
 from serving.guard import RequestGuard, install_client_error_log_filter
 from serving.model_io import load_classifier, predict, predict_encoded, read_meta, serving_dtype
 from serving.preflight import Encoder, Limits, Preflight, Refused
@@ -159,6 +159,10 @@ class L3MClassifier:
         except Overloaded as e:
             logger.warning("503 overloaded: %s", e)
             return _error(ctx, 503, f"overloaded: {e}; retry later", 1)
+        except Exception as e:  # a bug: logged once with its traceback (per batch), a 500 at once
+            if not isinstance(e, BatchFailed):
+                logger.exception("500 on /classify: unexpected error")
+            return _error(ctx, 500, "internal server error", None)
         return [Prediction(**p) for p in preds]
 
     @info_app.get("/metadata")

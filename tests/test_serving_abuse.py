@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest_serving import BASE_MODEL
 
-from serving.batcher import MicroBatcher
+from serving.batcher import BatchFailed, MicroBatcher
 from serving.guard import RequestGuard
 from serving.preflight import Limits, Preflight, Refused
 from serving.textbound import PROBE_CHARS_PER_TOKEN, Encoded, TextRejected, bounded_text, encode_inputs
@@ -313,8 +313,10 @@ def test_base_exception_from_the_model_call_answers_every_request_of_the_batch(c
 
     with caplog.at_level(logging.ERROR, logger="l3m.serving"):
         results, after = asyncio.run(main())
-    assert all(isinstance(r, RuntimeError) and "SystemExit" in str(r) for r in results)
-    assert after == ["after"] and "batch of 2 texts failed" in caplog.text
+    assert all(isinstance(r, BatchFailed) and "SystemExit" in str(r) for r in results)
+    assert after == ["after"]
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 1 and "batch of 2 texts failed" in failures[0].getMessage() and failures[0].exc_info
 
 
 def test_a_pid_reused_by_another_process_is_reported_as_a_death(tmp_path, caplog):
