@@ -1,8 +1,9 @@
 """Request/response types and limits of the classification service.
 
-All input validation is expressed in these pydantic types on purpose: BentoML validates the
-request body against them *before* a request joins a batch, so one bad request is
-answered 400 on its own instead of failing every request batched with it.
+The field checks that cost O(1) per character are these pydantic types, which BentoML
+validates on the event loop *before* a request joins a batch; the checks that need the
+tokenizer run in ``serving.preflight``, off the loop, also before the request is queued. Either
+way one bad request is answered 400 on its own instead of failing every request batched with it.
 """
 
 from __future__ import annotations
