@@ -7,6 +7,10 @@ no estimates: one batch runs at a time, and everything that arrived meanwhile (u
 ``max_batch_texts``, whole requests) is the next batch — an idle server starts a request at once,
 a busy one batches exactly as much as is waiting. Only a queue over ``max_queue_texts`` texts is
 refused, with ``Overloaded`` (503 + Retry-After in the service).
+
+A request cancelled while it waits (its client went away, or the request timed out) is dropped
+from the queue instead of being computed; whatever the model call raises, every request of its
+batch is answered, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -21,18 +25,22 @@ from typing import Any
 
 logger = logging.getLogger("l3m.serving")
 
-# (texts, text_pairs or None) -> one result per text
-BatchFn = Callable[[list[str], list[str] | None], list[Any]]
+# the items of a batch (the service's: encoded texts) -> one result per item
+BatchFn = Callable[[list[Any]], list[Any]]
 
 
 class Overloaded(RuntimeError):
     """The queue is full; the message says how much is waiting."""
 
 
+class BatchFailed(RuntimeError):
+    """The model call of a request's batch raised; already logged with its traceback, once per
+    batch (the cause is ``__cause__``)."""
+
+
 @dataclass
 class _Job:
-    texts: list[str]
-    pairs: list[str] | None
+    items: list[Any]
     future: asyncio.Future[list[Any]] = field(repr=False)
 
 
@@ -52,26 +60,29 @@ class MicroBatcher:
     def queued_texts(self) -> int:
         return self._queued_texts
 
-    async def submit(self, texts: list[str], pairs: list[str] | None) -> list[Any]:
-        if self._queued_texts + len(texts) > self.max_queue_texts:
+    async def submit(self, items: list[Any]) -> list[Any]:
+        if self._queued_texts + len(items) > self.max_queue_texts:
             raise Overloaded(f"{self._queued_texts} texts are already queued (limit {self.max_queue_texts})")
         if self._loop_task is None or self._loop_task.done():
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._dispatch())
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Job(texts, pairs, future))
-        self._queued_texts += len(texts)
+        self._queue.append(_Job(items, future))
+        self._queued_texts += len(items)
         assert self._wake is not None
         self._wake.set()
         return await future
 
     def _take_batch(self) -> list[_Job]:
-        jobs = [self._queue.popleft()]
-        size = len(jobs[0].texts)
-        while self._queue and size + len(self._queue[0].texts) <= self.max_batch_texts:
-            jobs.append(self._queue.popleft())
-            size += len(jobs[-1].texts)
-        self._queued_texts -= size
+        """The next batch: whole requests, in order, up to max_batch_texts; cancelled ones dropped."""
+        jobs: list[_Job] = []
+        size = 0
+        while self._queue and (not jobs or size + len(self._queue[0].items) <= self.max_batch_texts):
+            job = self._queue.popleft()
+            self._queued_texts -= len(job.items)
+            if not job.future.done():
+                jobs.append(job)
+                size += len(job.items)
         return jobs
 
     async def _dispatch(self) -> None:
@@ -83,21 +94,38 @@ class MicroBatcher:
                 await self._wake.wait()
                 continue
             jobs = self._take_batch()
-            texts = [t for j in jobs for t in j.texts]
-            pairs = None if jobs[0].pairs is None else [p for j in jobs for p in j.pairs or []]
+            if not jobs:
+                continue
+            items = [x for j in jobs for x in j.items]
             try:
-                results = await loop.run_in_executor(self._executor, self.run, texts, pairs)
-            except Exception as e:  # a bug in the model call: every request of the batch gets it
-                logger.exception("batch of %d texts failed", len(texts))
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(e)
+                results = await loop.run_in_executor(self._executor, self.run, items)
+            except BaseException as e:  # noqa: BLE001  (every kind must answer the batch's requests)
+                self._fail(jobs, e)
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this loop itself is being cancelled (close)
                 continue
             start = 0
             for j in jobs:
-                if not j.future.done():  # a cancelled request (client gone) just drops its share
-                    j.future.set_result(results[start:start + len(j.texts)])
-                start += len(j.texts)
+                if not j.future.done():  # a request cancelled meanwhile just drops its share
+                    j.future.set_result(results[start:start + len(j.items)])
+                start += len(j.items)
+
+    @staticmethod
+    def _fail(jobs: list[_Job], e: BaseException) -> None:
+        """A model call that raised (a bug, or a BaseException such as SystemExit from a
+        library): log it once and give every request of the batch an error, never a hang."""
+        if isinstance(e, asyncio.CancelledError):
+            for j in jobs:
+                j.future.cancel()
+            return
+        n = sum(len(j.items) for j in jobs)
+        logger.error("batch of %d texts failed", n, exc_info=e)
+        for j in jobs:
+            if not j.future.done():
+                error = BatchFailed(f"the model call of a batch of {n} texts raised {e!r}")
+                error.__cause__ = e
+                j.future.set_exception(error)
 
     def close(self) -> None:
         if self._loop_task is not None:

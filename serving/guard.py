@@ -8,7 +8,12 @@ middleware, each answered with its own 4xx and one log line (issue #17):
 * 415 for a content type other than ``application/json`` (or none);
 * 408 for a body not fully received within ``body_timeout_s`` (a stalled upload would otherwise
   hold its connection open), and the connection is closed;
-* 400 for bytes that are not a JSON object (undecodable, malformed, too deeply nested).
+* 400 for bytes that are not a JSON object (undecodable, malformed, too deeply nested, an
+  integer over Python's 4,300-digit conversion limit), for more than ``max_texts`` items (before
+  any per-item work), and for a repeated Content-Type, Content-Length or Transfer-Encoding
+  header (the guard and BentoML would each read a different one; issue #24);
+* 500, at once and logged once with its traceback, for any exception the app raises before it
+  has started its response (an unexpected error must not hold the connection until a timeout).
 
 The body is buffered (bounded by ``max_bytes``) and replayed to the app.
 """
@@ -19,12 +24,15 @@ import asyncio
 import json
 import logging
 import time
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("l3m.serving")
 
 JSON_MEDIA_TYPE = "application/json"
+# Headers that decide how the body is framed or parsed: exactly one of each, or none.
+SINGLE_HEADERS = (b"content-type", b"content-length", b"transfer-encoding")
 
 
 class ClientError(Exception):
@@ -38,13 +46,32 @@ class ClientError(Exception):
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float, max_texts: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.body_timeout_s = body_timeout_s
+        self.max_texts = max_texts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(msg: Message) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self._guarded(scope, receive, tracked)
+        except Exception:
+            logger.exception("500 on %s %s: unexpected error", scope["method"], scope["path"])
+            if not started:
+                await _reply(send, ClientError(500, "internal server error", close=True))
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         try:
@@ -67,6 +94,7 @@ class RequestGuard:
         await self.app(scope, replay, send)
 
     async def _checked_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        check_single_headers(scope["headers"])
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -74,7 +102,7 @@ class RequestGuard:
         check_media_type(headers.get(b"content-type"))
         body = await self._read(receive)
         if body is not None:
-            check_json_object(body)
+            check_item_count(check_json_object(body), self.max_texts)
         return body
 
     async def _read(self, receive: Receive) -> bytes | None:
@@ -107,7 +135,16 @@ def check_media_type(header: bytes | None) -> None:
         raise ClientError(415, f"content-type {media!r} is not supported; send {JSON_MEDIA_TYPE}")
 
 
-def check_json_object(body: bytes) -> None:
+def check_single_headers(headers: list[tuple[bytes, bytes]]) -> None:
+    """400 for a repeated framing/parsing header: two Content-Types were read differently by
+    this guard (the last) and BentoML (the first), which let a multipart body through."""
+    for name in SINGLE_HEADERS:
+        count = sum(1 for key, _ in headers if key.lower() == name)
+        if count > 1:
+            raise ClientError(400, f"{name.decode()} header sent {count} times; send it once", close=True)
+
+
+def check_json_object(body: bytes) -> dict[str, Any]:
     """400 unless ``body`` is a JSON object; the field checks are the schema's (serving.schemas)."""
     try:
         value = json.loads(body)
@@ -117,8 +154,19 @@ def check_json_object(body: bytes) -> None:
         raise ClientError(400, f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise ClientError(400, "body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # int() of a number over sys.get_int_max_str_digits() digits
+        raise ClientError(400, f"body has a number the service cannot read: {str(e)[:120]}") from None
     if not isinstance(value, dict):
         raise ClientError(400, f"body must be a JSON object with a 'texts' field, not {type(value).__name__}")
+    return value
+
+
+def check_item_count(value: dict[str, Any], max_texts: int) -> None:
+    """400 for more than ``max_texts`` items, before anything looks at one of them."""
+    texts = value.get("texts")
+    if isinstance(texts, list) and len(texts) > max_texts:
+        raise ClientError(400, f"texts: List should have at most {max_texts} items after validation, "
+                          f"not {len(texts)}")
 
 
 async def _reply(send: Send, error: ClientError) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.textbound import bounded_inputs
+from serving.textbound import Encoded, encode_inputs
 
 logger = logging.getLogger("l3m.serving")
 
@@ -213,18 +213,21 @@ def predict(
     service's per-text limit) refuses texts for which no such prefix exists within it, None
     (offline use) tokenizes them whole.
     """
+    return predict_encoded(model, tokenizer, meta, encode_inputs(tokenizer, meta.max_length, max_chars, texts, pairs),
+                           chunk_tokens, dtype)
+
+
+def predict_encoded(model: Any, tokenizer: Any, meta: ModelMeta, rows: list[Encoded],
+                    chunk_tokens: int = CHUNK_TOKENS, dtype: str = "float32") -> list[dict[str, Any]]:
+    """``predict`` on inputs already encoded (``serving.textbound.encode_inputs``): the model's
+    part only, which is what the service's batch thread runs."""
     import torch
 
     amp = amp_dtype(dtype)
-    if not texts:
-        return []
-    texts, pairs, cut = bounded_inputs(tokenizer, meta.max_length, max_chars, texts, pairs)
-    enc = tokenizer(texts, pairs, truncation=True, max_length=meta.max_length)
-    ids = enc["input_ids"]
-    truncated = _truncated_flags(tokenizer, meta.max_length, texts, pairs, ids, cut)
-    probs: list[list[float]] = [[] for _ in texts]
-    for chunk in _length_chunks([len(x) for x in ids], chunk_tokens):
-        batch = tokenizer.pad({k: [enc[k][i] for i in chunk] for k in enc}, return_tensors="pt")
+    probs: list[list[float]] = [[] for _ in rows]
+    for chunk in _length_chunks([len(r.features["input_ids"]) for r in rows], chunk_tokens):
+        batch = tokenizer.pad({k: [rows[i].features[k] for i in chunk] for k in rows[chunk[0]].features},
+                              return_tensors="pt")
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with torch.inference_mode(), torch.autocast(model.device.type, dtype=amp, enabled=amp is not None):
             logits = model(**batch).logits
@@ -232,14 +235,14 @@ def predict(
             probs[i] = row
     labels = meta.label_names
     out = []
-    for row, trunc in zip(probs, truncated, strict=True):
+    for row, enc in zip(probs, rows, strict=True):
         best = max(range(len(row)), key=row.__getitem__)
         out.append(
             {
                 "label": labels[best],
                 "score": row[best],
                 "probabilities": dict(zip(labels, row, strict=True)),
-                "truncated": trunc,
+                "truncated": enc.truncated,
             }
         )
     return out
@@ -259,22 +262,3 @@ def _length_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
     if current:
         chunks.append(current)
     return chunks
-
-
-def _truncated_flags(
-    tokenizer: Any, max_length: int, texts: list[str], pairs: list[str] | None, ids: list[list[int]],
-    cut: list[bool],
-) -> list[bool]:
-    # A row whose text was cut to a prefix is known to be truncated. Of the others, only rows that
-    # came out at exactly max_length can have been cut; re-encode just those without truncation
-    # (their texts are bounded: a long text that was not cut was refused or is within max_chars).
-    flags = list(cut)
-    full_rows = [i for i, row in enumerate(ids) if len(row) >= max_length and not cut[i]]
-    if not full_rows:
-        return flags
-    sub_pairs = [pairs[i] for i in full_rows] if pairs is not None else None
-    # verbose=False: measuring the untruncated length is the point here, not a mistake to warn of.
-    full = tokenizer([texts[i] for i in full_rows], sub_pairs, truncation=False, verbose=False)["input_ids"]
-    for i, row in zip(full_rows, full, strict=True):
-        flags[i] = len(row) > max_length
-    return flags

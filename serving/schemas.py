@@ -1,14 +1,14 @@
 """Request/response types and limits of the classification service.
 
-All input validation is expressed in these pydantic types on purpose: BentoML validates the
-request body against them *before* a request joins a batch, so one bad request is
-answered 400 on its own instead of failing every request batched with it.
+The field checks that cost O(1) per character are these pydantic types, which BentoML
+validates on the event loop *before* a request joins a batch; the checks that need the
+tokenizer run in ``serving.preflight``, off the loop, also before the request is queued. Either
+way one bad request is answered 400 on its own instead of failing every request batched with it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -40,6 +40,14 @@ class Settings:
     workers: int  # L3M_WORKERS: worker processes, each with its own model copy
     torch_threads: int  # L3M_TORCH_THREADS: intra-op threads of the worker (0: torch's default)
     dtype: str  # L3M_DTYPE: float32 (default; equals offline evaluation) or bfloat16/float16 autocast
+    # Admission (serving.preflight, serving.connections; issue #24):
+    preflight_cpu_s: float  # L3M_PREFLIGHT_CPU_S: tokenizer CPU time per request (413 beyond)
+    light_chars: int  # L3M_LIGHT_CHARS: requests bounded by this many characters are never shed (0: 16 x max_length)
+    heavy_cpu_share: float  # L3M_HEAVY_CPU_SHARE: CPU-s per second of larger requests' tokenizer work per client
+    heavy_queue: int  # L3M_HEAVY_QUEUE: larger requests being prepared at once (429 beyond)
+    header_timeout_s: float  # L3M_HEADER_TIMEOUT_S: a request head not complete within this closes the connection
+    max_connections: int  # L3M_MAX_CONNECTIONS: open connections per worker (503 and close beyond)
+    max_client_connections: int  # L3M_MAX_CLIENT_CONNECTIONS: open connections per client address (429 beyond)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -54,7 +62,7 @@ class Settings:
             # when arrivals outrun the model for many seconds, which is what 503 should mean.
             max_queue_texts=_env_int("L3M_MAX_QUEUE_TEXTS", 2048),
             max_text_chars=_env_int("L3M_MAX_TEXT_CHARS", 0),
-            body_timeout_s=float(os.environ.get("L3M_BODY_TIMEOUT_S") or 10),
+            body_timeout_s=_env_float("L3M_BODY_TIMEOUT_S", 10),
             workers=_env_int("L3M_WORKERS", 1),
             # 1 by default: on a shared 2-core host, 2 OpenMP threads spin-waiting on each other
             # made a single-text forward pass 15-25x slower under co-tenant load (35 ms -> 550-880
@@ -63,7 +71,21 @@ class Settings:
             # bfloat16 uses AMX / AVX512-BF16 matmuls on CPUs that have them: a 32-text batch
             # ran 1.8x faster per text than float32 here (docs/serving.md), batch 1 barely faster.
             dtype=_env_choice("L3M_DTYPE", "float32", SERVING_DTYPES),
+            # A legitimate full request (64 natural texts) takes ~0.1 s here; 64 texts of long
+            # "words" take seconds (docs/serving.md, "One client against the others").
+            preflight_cpu_s=_env_float("L3M_PREFLIGHT_CPU_S", 0.5),
+            light_chars=_env_int("L3M_LIGHT_CHARS", 0),
+            heavy_cpu_share=_env_float("L3M_HEAVY_CPU_SHARE", 0.25),
+            heavy_queue=_env_int("L3M_HEAVY_QUEUE", 16),
+            header_timeout_s=_env_float("L3M_HEADER_TIMEOUT_S", 10),
+            max_connections=_env_int("L3M_MAX_CONNECTIONS", 512),
+            max_client_connections=_env_int("L3M_MAX_CLIENT_CONNECTIONS", 256),
         )
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else float(raw)
 
 
 def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -97,33 +119,14 @@ def _listify(value: Any) -> Any:
     return [value] if isinstance(value, str | dict) else value
 
 
-# Checks one item against the model (its tokenizer): (text, text_pair or None) -> None, raising
-# ValueError with the client's message. See serving.textbound.
-ItemCheck = Callable[[str, str | None], None]
-
-
-def texts_type(text_pair: bool, max_texts: int, check: ItemCheck | None = None) -> Any:
+def texts_type(text_pair: bool, max_texts: int) -> Any:
     """The ``texts`` field type for a domain: plain texts, or pairs (object or 2-list).
 
-    ``check`` runs per item during validation, i.e. before the request is queued for the model,
-    so a text the model cannot take is a 400 of its own request only.
+    Only checks that cost O(1) per character are made here, on the event loop; the tokenizer's
+    checks run in ``serving.preflight``, bounded and off the loop (issue #24).
     """
     item: Any = TextPair | tuple[Text, Text] if text_pair else Text
-    if check is not None:
-        item = Annotated[item, AfterValidator(_item_checker(check))]
     return Annotated[list[item], BeforeValidator(_listify), Field(min_length=1, max_length=max_texts)]
-
-
-def _item_checker(check: ItemCheck) -> Callable[[Any], Any]:
-    def run(item: Any) -> Any:
-        if isinstance(item, str):
-            check(item, None)
-        else:
-            a, b = (item.text, item.text_pair) if isinstance(item, TextPair) else item
-            check(a, b)
-        return item
-
-    return run
 
 
 def split_items(items: list[Any]) -> tuple[list[str], list[str] | None]:

@@ -10,8 +10,10 @@ package it into a bento. Other knobs: see ``serving.schemas.Settings``.
 
 Endpoints: ``POST /classify`` (micro-batched, ``serving.batcher``), ``GET /metadata``, and
 BentoML's ``/livez`` / ``/readyz`` (``__is_ready__`` is False until the model is loaded and
-warmed up). Request hygiene (size, content type, JSON, slow uploads) is ``serving.guard``; the
-per-text bound and the content check are ``serving.textbound``.
+warmed up). Request hygiene (size, content type, JSON, item count, slow uploads, unexpected
+errors) is ``serving.guard``; slow or idle connections and their number, ``serving.connections``;
+the tokenizer's work per request (bounded, fair, off the event loop), ``serving.preflight``; the
+per-text bound and the content check, ``serving.textbound``.
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import bentoml
 from bentoml.models import BentoModel
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
 
-from serving.batcher import MicroBatcher, Overloaded
+from serving import connections
+from serving.batcher import BatchFailed, MicroBatcher, Overloaded
 from serving.guard import RequestGuard, install_client_error_log_filter
-from serving.model_io import load_classifier, predict, read_meta, serving_dtype
+from serving.model_io import load_classifier, predict, predict_encoded, read_meta, serving_dtype
+from serving.preflight import Encoder, Limits, Preflight, Refused
 from serving.registry import production_tag
 from serving.schemas import Metadata, Prediction, Settings, split_items, texts_type
-from serving.textbound import default_max_chars, item_check
+from serving.textbound import PROBE_CHARS_PER_TOKEN, Encoded, default_max_chars, encode_inputs
 from serving.workers import register_worker, unregister_worker
 
 logger = logging.getLogger("l3m.serving")
@@ -76,16 +81,25 @@ _META = read_meta(_MODEL_PATH)
 MAX_TEXT_CHARS = SETTINGS.max_text_chars or default_max_chars(_META.max_length)
 
 
-def _request_tokenizer() -> object:
-    # Its own instance for request validation on the event loop: a fast tokenizer shared with
-    # the batch thread can fail ("Already borrowed") when both use it at once.
+def _request_encoder() -> Encoder:
+    # Each preflight lane gets its own tokenizer: a fast tokenizer shared between threads can
+    # fail ("Already borrowed") when two use it at once.
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_MODEL_PATH)
+    tokenizer = AutoTokenizer.from_pretrained(_MODEL_PATH)
+
+    def encode(text: str, pair: str | None) -> Encoded:
+        return encode_inputs(tokenizer, _META.max_length, MAX_TEXT_CHARS, [text], None if pair is None else [pair],
+                             require_content=True)[0]
+
+    return encode
 
 
-Texts = texts_type(_META.text_pair, SETTINGS.max_texts,
-                   item_check(_request_tokenizer(), _META.max_length, MAX_TEXT_CHARS))
+Texts = texts_type(_META.text_pair, SETTINGS.max_texts)
+LIMITS = Limits(cpu_budget_s=SETTINGS.preflight_cpu_s,
+                light_chars=SETTINGS.light_chars or 2 * PROBE_CHARS_PER_TOKEN * _META.max_length,
+                heavy_share=SETTINGS.heavy_cpu_share, heavy_queue=SETTINGS.heavy_queue)
+connections.install(SETTINGS.header_timeout_s, SETTINGS.max_connections, SETTINGS.max_client_connections)
 install_client_error_log_filter()
 
 
@@ -112,6 +126,7 @@ class L3MClassifier:
         # that should not land on a user's request.
         warm_pair = ["warm up"] if self.meta.text_pair else None
         predict(self.model, self.tokenizer, self.meta, ["warm up"], warm_pair, dtype=self.dtype)
+        self.preflight = Preflight(_request_encoder, MAX_TEXT_CHARS, LIMITS)
         self.batcher = MicroBatcher(self._predict, SETTINGS.max_batch_size if SETTINGS.batching else 1,
                                     SETTINGS.max_queue_texts)
         self._ready = True
@@ -124,23 +139,30 @@ class L3MClassifier:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self.batcher.close()
+        self.preflight.close()
         unregister_worker()
 
-    def _predict(self, texts: list[str], pairs: list[str] | None) -> list[dict[str, object]]:
-        return predict(self.model, self.tokenizer, self.meta, texts, pairs, dtype=self.dtype,
-                       max_chars=MAX_TEXT_CHARS)
+    def _predict(self, rows: list[Encoded]) -> list[dict[str, object]]:
+        return predict_encoded(self.model, self.tokenizer, self.meta, rows, dtype=self.dtype)
 
     @bentoml.api(route="/classify")
-    async def classify(self, texts: Texts) -> list[Prediction]:  # type: ignore[valid-type]  # built from the model's metadata
+    async def classify(self, texts: Texts, ctx: bentoml.Context) -> list[Prediction]:  # type: ignore[valid-type]  # built from the model's metadata
         """Classify one text or a list (pairs for pair domains): label, score, probabilities."""
         plain, pairs = split_items(texts)
+        client = ctx.request.client.host if ctx.request.client else "?"
         try:
-            preds = await self.batcher.submit(plain, pairs)
+            rows = await self.preflight.encode(client, plain, pairs)
+            preds = await self.batcher.submit(rows)
+        except Refused as e:
+            logger.warning("client error %d on /classify from %s: %s", e.status, client, e.message)
+            return _error(ctx, e.status, e.message, e.retry_after)
         except Overloaded as e:
             logger.warning("503 overloaded: %s", e)
-            # A Response is passed through by BentoML as is; the declared type documents the 200.
-            return JSONResponse({"error": f"overloaded: {e}; retry later"}, status_code=503,  # type: ignore[return-value]
-                                headers={"Retry-After": "1"})
+            return _error(ctx, 503, f"overloaded: {e}; retry later", 1)
+        except Exception as e:  # a bug: logged once with its traceback (per batch), a 500 at once
+            if not isinstance(e, BatchFailed):
+                logger.exception("500 on /classify: unexpected error")
+            return _error(ctx, 500, "internal server error", None)
         return [Prediction(**p) for p in preds]
 
     @info_app.get("/metadata")
@@ -155,6 +177,14 @@ class L3MClassifier:
         )
 
 
+def _error(ctx: bentoml.Context, status: int, message: str, retry_after: int | None) -> Any:
+    # BentoML sends a returned Response as is (the declared type documents the 200), except
+    # that an API taking ``ctx`` gets the status code of ``ctx.response``.
+    ctx.response.status_code = status
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
 # The service decorator adds add_asgi_middleware at runtime; its stubs do not declare it.
 L3MClassifier.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_body_bytes,  # type: ignore[attr-defined]
-                                  body_timeout_s=SETTINGS.body_timeout_s)
+                                  body_timeout_s=SETTINGS.body_timeout_s, max_texts=SETTINGS.max_texts)

@@ -14,7 +14,10 @@ replaced by a prefix when that provably yields the same first L tokens:
 * the prefix grows geometrically (``PROBE_CHARS_PER_TOKEN * L`` characters first) up to
   ``max_chars``. A text that is longer than ``max_chars`` yet holds no such prefix (one giant
   "word", or characters the normaliser drops) is refused with a ``TextRejected`` instead of
-  being served a different encoding than the offline evaluation.
+  being served a different encoding than the offline evaluation; so is any text over
+  ``max_chars`` when ``max_chars`` is below the first probe;
+* a ``truncation_side='left'`` tokenizer keeps the *last* L tokens, so for it the same argument
+  runs mirrored: a suffix whose words *after its first two* give more than L tokens.
 
 Sentence pairs are truncated longest-first, and which side keeps the odd token depends on which
 *full* side is longer, so one side of a pair is only cut when the other has at most L tokens; two long sides
@@ -23,7 +26,7 @@ are tokenised in full, which ``max_chars`` bounds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 # First probe: 8 characters per token is generous for natural text (English WordPiece averages
@@ -49,41 +52,49 @@ def content_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
-def _decisive(tokenizer: Any, prefix: str, max_length: int) -> bool:
-    """Whether the words of ``prefix`` before its unsure tail already give > max_length tokens."""
-    enc = tokenizer(prefix, add_special_tokens=False, verbose=False)
+def _decisive(tokenizer: Any, piece: str, max_length: int, from_end: bool) -> bool:
+    """Whether the words of ``piece`` outside its unsure edge (the last words of a prefix, the
+    first of a suffix) already give > max_length tokens."""
+    enc = tokenizer(piece, add_special_tokens=False, verbose=False)
     words = [w for w in enc.word_ids() if w is not None]
     if len(words) <= max_length:
         return False
-    unsure = sorted(set(words))[-UNSURE_TAIL_WORDS:]
+    ordered = sorted(set(words))
+    unsure = ordered[:UNSURE_TAIL_WORDS] if from_end else ordered[-UNSURE_TAIL_WORDS:]
     return sum(1 for w in words if w not in unsure) > max_length
 
 
+def keeps_the_end(tokenizer: Any) -> bool:
+    """A ``truncation_side='left'`` tokenizer keeps a long text's *last* tokens."""
+    return getattr(tokenizer, "truncation_side", "right") == "left"
+
+
 def bounded_text(tokenizer: Any, text: str, max_length: int, max_chars: int | None) -> tuple[str, bool]:
-    """``(text or a prefix of it, cut)``: the prefix encodes like ``text`` under truncation at
+    """``(text or a piece of it, cut)``: the piece encodes like ``text`` under truncation at
     ``max_length``, and ``cut`` means the text is certainly longer than ``max_length`` tokens.
+    The piece is a prefix, or a suffix for tokenizers that truncate on the left.
     ``max_chars=None`` (offline scoring) never refuses: an undecided text is used whole."""
-    if max_chars is None:
-        max_chars = len(text)
-    probe = PROBE_CHARS_PER_TOKEN * max_length
+    limit = len(text) if max_chars is None else max_chars
+    probe = min(PROBE_CHARS_PER_TOKEN * max_length, limit)
     if len(text) <= probe:
         return text, False
     if not getattr(tokenizer, "is_fast", False):
         # Slow tokenizers have no word ids to prove a cut exact: only the character limit holds.
-        if len(text) > max_chars:
-            raise TextRejected(f"text is {len(text)} characters; the limit is {max_chars}")
+        if len(text) > limit:
+            raise TextRejected(f"text is {len(text)} characters; the limit is {limit}")
         return text, False
+    from_end = keeps_the_end(tokenizer)
     while probe < len(text):
-        prefix = text[:probe]
-        if _decisive(tokenizer, prefix, max_length):
-            return prefix, True
-        if probe >= max_chars:
+        piece = text[-probe:] if from_end else text[:probe]
+        if _decisive(tokenizer, piece, max_length, from_end):
+            return piece, True
+        if probe >= limit:
             raise TextRejected(
-                f"text is {len(text)} characters and its first {max_chars} do not hold {max_length} "
-                "tokens of complete words (one unbroken word, or characters the tokenizer drops); "
-                f"texts over {max_chars} characters must reach {max_length} tokens within them"
+                f"text is {len(text)} characters and its {'last' if from_end else 'first'} {limit} do not hold "
+                f"{max_length} tokens of complete words (one unbroken word, or characters the tokenizer drops); "
+                f"texts over {limit} characters must reach {max_length} tokens within them"
             )
-        probe = min(probe * 4, max_chars)
+        probe = min(probe * 4, limit)
     return text, False
 
 
@@ -126,17 +137,64 @@ def check_content(tokenizer: Any, text: str, max_length: int, max_chars: int) ->
     classify the empty input, the same answer for every such text."""
     head, _ = bounded_text(tokenizer, text, max_length, max_chars)
     if content_tokens(tokenizer, head) == 0:
-        raise TextRejected("text has no content: nothing is left after tokenization "
-                           "(only whitespace, control, zero-width or private-use characters)")
+        raise TextRejected(NO_CONTENT)
 
 
-def item_check(tokenizer: Any, max_length: int, max_chars: int) -> Callable[[str, str | None], None]:
-    """The service's per-item request check: content on every side, and a bounded encoding."""
+NO_CONTENT = ("text has no content: nothing is left after tokenization "
+              "(only whitespace, control, zero-width or private-use characters)")
 
-    def check(text: str, pair: str | None) -> None:
-        for side in (text,) if pair is None else (text, pair):
-            check_content(tokenizer, side, max_length, max_chars)
-        if pair is not None:
-            _bounded_pair(tokenizer, text, pair, max_length, max_chars)
 
-    return check
+@dataclass(frozen=True)
+class Encoded:
+    """One input as the model takes it: the tokenizer's features (unpadded) and the flag."""
+
+    features: dict[str, list[int]]
+    truncated: bool
+
+
+def encode_inputs(
+    tokenizer: Any, max_length: int, max_chars: int | None, texts: list[str], pairs: list[str] | None,
+    require_content: bool = False,
+) -> list[Encoded]:
+    """The project-wide encoding ``tokenizer(text, text_pair, truncation=True, max_length=L)``
+    of bounded inputs, with the truncation flag. ``require_content`` (the service) refuses an
+    item with a side that has no content token (``check_content``)."""
+    if not texts:
+        return []
+    texts, pairs, cut = bounded_inputs(tokenizer, max_length, max_chars, texts, pairs)
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    if require_content:
+        for i in range(len(texts)):
+            _require_content(tokenizer, enc, i, texts[i], None if pairs is None else pairs[i])
+    flags = _truncated_flags(tokenizer, max_length, texts, pairs, enc["input_ids"], cut)
+    return [Encoded({k: list(enc[k][i]) for k in enc}, flags[i]) for i in range(len(texts))]
+
+
+def _require_content(tokenizer: Any, enc: Any, i: int, text: str, pair: str | None) -> None:
+    sides = 1 if pair is None else 2
+    if getattr(enc, "encodings", None):
+        # Truncation is longest-first: a side with content keeps at least one token of it.
+        present = {s for s in enc.sequence_ids(i) if s is not None}
+    else:  # slow tokenizers have no sequence ids; their texts are bounded by max_chars
+        present = {s for s, side in enumerate((text, pair)[:sides]) if content_tokens(tokenizer, side or "")}
+    if len(present) < sides:
+        raise TextRejected(NO_CONTENT)
+
+
+def _truncated_flags(
+    tokenizer: Any, max_length: int, texts: list[str], pairs: list[str] | None, ids: list[list[int]],
+    cut: list[bool],
+) -> list[bool]:
+    # A row whose text was cut is known to be truncated. Of the others, only rows that came out
+    # at exactly max_length can have been cut; re-encode just those without truncation (their
+    # texts are bounded: a long text that was not cut was refused or is within max_chars).
+    flags = list(cut)
+    full_rows = [i for i, row in enumerate(ids) if len(row) >= max_length and not cut[i]]
+    if not full_rows:
+        return flags
+    sub_pairs = [pairs[i] for i in full_rows] if pairs is not None else None
+    # verbose=False: measuring the untruncated length is the point here, not a mistake to warn of.
+    full = tokenizer([texts[i] for i in full_rows], sub_pairs, truncation=False, verbose=False)["input_ids"]
+    for i, row in zip(full_rows, full, strict=True):
+        flags[i] = len(row) > max_length
+    return flags

@@ -245,8 +245,7 @@ def test_measuring_a_long_texts_length_does_not_warn(family_models):
 
     from transformers import AutoTokenizer
 
-    from serving.model_io import _truncated_flags
-    from serving.textbound import content_tokens
+    from serving.textbound import _truncated_flags, content_tokens
 
     tok = AutoTokenizer.from_pretrained(family_models["roberta"])
     text = "word " * 400

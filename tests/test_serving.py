@@ -352,6 +352,29 @@ def test_asgi_full_queue_is_503_with_retry_after(asgi_client):
     assert asgi_client.post("/classify", json={"texts": ["fine"]}).status_code == 200
 
 
+def test_asgi_model_failure_is_a_fast_500_logged_once(asgi_client, caplog):
+    import logging
+
+    import bentoml
+
+    batcher = bentoml.get_current_service().batcher
+    run = batcher.run
+
+    def broken(rows):
+        raise KeyError("a bug in the model call")
+
+    batcher.run = broken
+    try:
+        with caplog.at_level(logging.INFO):
+            r = asgi_client.post("/classify", json={"texts": ["fine"]})
+    finally:
+        batcher.run = run
+    assert r.status_code == 500 and r.json() == {"error": "internal server error"}
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    assert len(tracebacks) == 1 and "a bug in the model call" in caplog.text  # issue #24: logged once
+    assert asgi_client.post("/classify", json={"texts": ["fine"]}).status_code == 200
+
+
 # ---------------------------------------------------------------- which model is served ------
 
 

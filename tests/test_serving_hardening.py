@@ -25,7 +25,7 @@ from serving.textbound import (
     bounded_inputs,
     bounded_text,
     check_content,
-    item_check,
+    encode_inputs,
 )
 from serving.workers import register_worker, unregister_worker
 
@@ -94,7 +94,7 @@ def test_pairs_cut_one_long_side_and_keep_two_long_sides_whole(tok):
         assert tok(a, b, truncation=True, max_length=L)["input_ids"] == tok(x, y, truncation=True, max_length=L)[
             "input_ids"]
     with pytest.raises(TextRejected, match="both texts of the pair"):
-        bounded_inputs(tok, L, 200, [long_a], [long_b])
+        bounded_inputs(tok, L, 600, [long_a], [long_b])
 
 
 @pytest.mark.parametrize("text", ["\u200b\u200b", "\x00", "\u200f\u200e", "\u0301\u0302", "\ue000\ue001", "\u2060"])
@@ -103,14 +103,16 @@ def test_text_without_content_tokens_is_refused(tok, text):
         check_content(tok, text, L, 2048)
 
 
-def test_request_type_applies_the_model_check_to_every_side(tok):
-    plain = TypeAdapter(texts_type(False, 4, item_check(tok, L, 2048)))
-    assert plain.validate_python(["fine text", "word " * 2000]) == ["fine text", "word " * 2000]
-    with pytest.raises(ValidationError, match="no content"):
-        plain.validate_python(["fine", "\u200b"])
-    pairs = TypeAdapter(texts_type(True, 4, item_check(tok, L, 2048)))
-    with pytest.raises(ValidationError, match="no content"):
-        pairs.validate_python([{"text": "fine", "text_pair": "\x00"}])
+def test_service_encoding_requires_content_on_every_side(tok):
+    rows = encode_inputs(tok, L, 2048, ["fine text", "word " * 2000], None, require_content=True)
+    assert [r.truncated for r in rows] == [False, True]
+    assert rows[0].features["input_ids"] == tok("fine text", truncation=True, max_length=L)["input_ids"]
+    with pytest.raises(TextRejected, match="no content"):
+        encode_inputs(tok, L, 2048, ["\u200b"], None, require_content=True)
+    with pytest.raises(TextRejected, match="no content"):
+        encode_inputs(tok, L, 2048, ["fine"], ["\x00"], require_content=True)
+    assert len(encode_inputs(tok, L, 2048, ["fine"], ["also fine"], require_content=True)) == 1
+    assert encode_inputs(tok, L, None, ["\u200b"], None)[0].truncated is False  # offline: no content check
 
 
 def test_served_prediction_of_a_huge_text_equals_the_full_encoding(tmp_path):
@@ -172,7 +174,7 @@ def test_stalled_upload_is_answered_408_and_closed():
     scope = {"type": "http", "method": "POST", "path": "/classify",
              "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")]}
     t0 = time.perf_counter()
-    asyncio.run(RequestGuard(app, 1 << 20, body_timeout_s=0.3)(scope, receive, send))
+    asyncio.run(RequestGuard(app, 1 << 20, body_timeout_s=0.3, max_texts=8)(scope, receive, send))
     assert time.perf_counter() - t0 < 2 and not reached_app
     assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
     assert "not received within 0.3 s" in json.loads(sent[1]["body"])["error"]
@@ -184,19 +186,19 @@ def test_stalled_upload_is_answered_408_and_closed():
 def test_batcher_merges_waiting_requests_in_order_and_bounds_the_queue():
     calls: list[list[str]] = []
 
-    def run(texts, pairs):
+    def run(texts):
         calls.append(list(texts))
         time.sleep(0.05)
         return [t.upper() for t in texts]
 
     async def main():
         b = MicroBatcher(run, max_batch_texts=8, max_queue_texts=12)
-        first = asyncio.ensure_future(b.submit(["a"], None))
+        first = asyncio.ensure_future(b.submit(["a"]))
         await asyncio.sleep(0.01)  # the first request starts alone, at once
-        rest = [asyncio.ensure_future(b.submit([f"t{i}", f"u{i}"], None)) for i in range(6)]
+        rest = [asyncio.ensure_future(b.submit([f"t{i}", f"u{i}"])) for i in range(6)]
         await asyncio.sleep(0)
         with pytest.raises(Overloaded, match="12 texts are already queued"):
-            await b.submit(["one too many"], None)
+            await b.submit(["one too many"])
         out = [await first] + [await r for r in rest]
         b.close()
         return out
@@ -210,22 +212,22 @@ def test_batcher_merges_waiting_requests_in_order_and_bounds_the_queue():
 def test_batcher_without_batching_runs_each_request_alone_and_reports_failures():
     calls: list[int] = []
 
-    def run(texts, pairs):
-        calls.append(len(texts))
-        if "boom" in texts:
+    def run(items):
+        calls.append(len(items))
+        if ("boom", None) in items:
             raise RuntimeError("model failed")
-        return list(zip(texts, pairs or [None] * len(texts), strict=True))
+        return [a + (b or "") for a, b in items]
 
     async def main():
         b = MicroBatcher(run, max_batch_texts=1, max_queue_texts=100)
-        ok = await asyncio.gather(*(b.submit(["a", "b"], ["x", "y"]) for _ in range(3)))
+        ok = await asyncio.gather(*(b.submit([("a", "x"), ("b", "y")]) for _ in range(3)))
         with pytest.raises(RuntimeError, match="model failed"):
-            await b.submit(["boom"], None)
-        assert await b.submit(["after"], None) == [("after", None)]  # the loop survives a failure
+            await b.submit([("boom", None)])
+        assert await b.submit([("after", None)]) == ["after"]  # the loop survives a failure
         b.close()
         return ok
 
-    assert asyncio.run(main()) == [[("a", "x"), ("b", "y")]] * 3
+    assert asyncio.run(main()) == [["ax", "by"]] * 3
     assert calls == [2, 2, 2, 1, 1]
 
 
