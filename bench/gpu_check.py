@@ -173,7 +173,7 @@ def check(args: argparse.Namespace) -> int:
     print((work / "summary.md").read_text(), flush=True)
     if attempt["stopped_at_deadline"]:
         return 3
-    return 0 if summary["complete"] and summary["all_done"] else 1
+    return 0 if all(summary["parts"][p.name].get("status") == "done" for p in selected) else 1
 
 
 def write_summary(work: Path, state: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -255,9 +255,9 @@ def _headline(name: str, r: dict[str, Any], error: str | None) -> str:
                 f"{r['batched_over_batch_1']}x (chunk 512), {r['batched_chunk_8192_over_batch_1']}x (chunk 8192); "
                 f"labels = fp32 {r['labels_equal_to_float32']}")
     if name == "train":
-        return (f"finished: {r.get('global_steps')} steps ({r.get('stage1_steps')} stage 1 + stage 2), "
-                f"{r.get('steps_per_s')} steps/s (median step), {r.get('precision')}, kept {r.get('kept')}, "
-                f"weights {r.get('final_task_weights')}")
+        weights = ", ".join(f"{k.removeprefix('weight_')} {v:.3f}" for k, v in r["final_task_weights"].items())
+        return (f"finished: {r['stage1_steps']} stage-1 + {r['stage2_steps']} stage-2 steps, {r['steps_per_s']} "
+                f"steps/s (median step), {r['precision']}, kept {r['kept']}, last task weights {weights}")
     if name == "paper_table":
         return (f"{r.get('finished_runs')} runs finished, {r.get('interrupted_runs')} interrupted (resumable), "
                 f"{len(r.get('tables', []))} tables")

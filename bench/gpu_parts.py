@@ -460,17 +460,29 @@ def collect_paper(root: Path) -> dict[str, Any]:
         if rec_path.is_file():
             rec = json.loads(rec_path.read_text())
             test = rec.get("metrics", {}).get("test", {})
-            finished.append({"run": f"{rec.get('domain')}/{run_dir.name.rsplit('-', 1)[0]}",
+            finished.append({"run": f"{run_dir.parent.parent.name}/{run_dir.name}", "weighting": _weighting(run_dir),
                              "steps": rec.get("global_steps"), "train_seconds": rec.get("train_seconds"),
                              "test_macro_f1": test.get("macro_f1"), "test_accuracy": test.get("accuracy"),
                              "kept": rec.get("stages", {}).get("kept")})
         else:
             steps = [int(p.name.split("-")[-1]) for p in run_dir.glob("checkpoints/checkpoint-*")]
-            interrupted.append({"run": f"{run_dir.parent.parent.name}/{run_dir.name.rsplit('-', 1)[0]}",
+            interrupted.append({"run": f"{run_dir.parent.parent.name}/{run_dir.name}", "weighting": _weighting(run_dir),
                                 "last_checkpoint_step": max(steps) if steps else None})
     tables = sorted(str(p.relative_to(root)) for p in root.glob("*/experiments/*/results.md"))
     return {"root": str(root), "finished_runs": len(finished), "interrupted_runs": len(interrupted),
             "runs": finished, "interrupted": interrupted, "tables": tables}
+
+
+def _weighting(run_dir: Path) -> str | None:
+    """What tells the ablation's runs apart (their names differ only by the identity hash)."""
+    path = run_dir / "identity.json"
+    if not path.is_file():
+        return None
+    ident = json.loads(path.read_text())
+    if (ident.get("weighting") or {}).get("kind") == "meta_tartan":
+        return "meta_tartan"
+    mlm = (ident.get("training") or {}).get("mlm_weight")
+    return None if mlm is None else f"fixed {mlm:g}"
 
 
 PARTS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
