@@ -275,7 +275,7 @@ def part_scoring_exact(ctx: Ctx) -> dict[str, Any]:
     out: dict[str, Any] = {
         "texts": len(items), "max_length": MAX_LENGTH, "device": str(scorer.device),
         "compute_dtype": str(scorer.compute_dtype).removeprefix("torch."),
-        "packed_path": getattr(scorer, "packed", None) is not None, "matmul_peak": peak, "runs": runs,
+        "packed_path": getattr(scorer, "packed", None) is not None, "path": getattr(scorer, "path", None), "matmul_peak": peak, "runs": runs,
         "best_token_budget": best["token_budget"], "tokens_per_s": best["tokens_per_s"],
         "pct_of_matmul_peak": best["pct_of_matmul_peak"],
         "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20) if scorer.device.type == "cuda" else None,
