@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from families import FAMILIES
+from test_scoring import one_thread  # noqa: F401  (fixture)
 
 from l3m.scoring import PLLScorer, make_plan
 from l3m.scoring.plans import EncodedText, encode
@@ -26,14 +27,6 @@ ITEMS = [
 ]
 PACKED = {"bert", "bert-cased", "roberta", "xlm-roberta", "electra"}
 TOL = 1e-4  # nats
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def reference(path: Path, encs: list[EncodedText], metric: str) -> list[np.ndarray]:
@@ -68,7 +61,7 @@ def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_packed_generic_and_reference_agree(family_models, family: str, one_thread):
+def test_packed_generic_and_reference_agree(family_models, family: str, one_thread):  # noqa: F811
     path = family_models[family]
     auto = PLLScorer(str(path), dtype="float32", device="cpu")
     generic = PLLScorer(str(path), dtype="float32", device="cpu", packed=False)
@@ -137,7 +130,7 @@ def test_word_starts_from_markers_without_a_pre_tokenizer(shared_data: Path):
     assert all(pieces[p].startswith("▁") for p in starts)
 
 
-def test_generic_path_pads_little_and_bounds_its_logits(family_models, one_thread, monkeypatch):
+def test_generic_path_pads_little_and_bounds_its_logits(family_models, one_thread, monkeypatch):  # noqa: F811
     """Length-sorted batches: padding stays a small share; the [rows, vocab] logits are capped."""
     import l3m.scoring.generic as generic
 
