@@ -123,7 +123,8 @@ def summarise(cfg: RunConfig, results: list[dict[str, Any]], wall_seconds: float
     seconds = sum(s["seconds"] for s in splits.values())
     keys = {r["scorer_key"] for r in results if r["scorer_key"]}
     paths = {(r.get("path"), r.get("path_reason")) for r in results if r.get("path")}
-    path, reason = next(iter(paths), (None, "nothing scored: every text came from the store"))
+    none = "nothing scored: every text came from the store" if results else "nothing to score: no strategy reads them"
+    path, reason = next(iter(paths), (None, none))
     return {
         "domain": cfg.domain.name, "scorer_key": next(iter(keys), None), "store": str(cfg.score_store_dir()),
         "splits": splits, "tokens_scored": tokens, "seconds": seconds,

@@ -71,8 +71,8 @@ class Settings:
             # bfloat16 uses AMX / AVX512-BF16 matmuls on CPUs that have them: a 32-text batch
             # ran 1.8x faster per text than float32 here (docs/serving.md), batch 1 barely faster.
             dtype=_env_choice("L3M_DTYPE", "float32", SERVING_DTYPES),
-            # A legitimate full request (64 natural texts) takes ~0.1 s here; 64 texts of long
-            # "words" take seconds (docs/serving.md, "One client against the others").
+            # Far above a legitimate full request, far below 64 texts of long "words" (measured
+            # in docs/serving.md, "One client against the others").
             preflight_cpu_s=_env_float("L3M_PREFLIGHT_CPU_S", 0.5),
             light_chars=_env_int("L3M_LIGHT_CHARS", 0),
             heavy_cpu_share=_env_float("L3M_HEAVY_CPU_SHARE", 0.25),
