@@ -14,12 +14,17 @@ Loss (L3Masking Sec. 3, the authors' fixed-weight "default" task weighting):
 ``task_losses`` gives the two terms unweighted, for weightings that learn the weights
 (``l3m.weighting``: META-TARTAN takes each task's gradient separately).
 The MLM head is applied only at selected positions: the vocabulary projection is the
-dominant MLM cost, and the loss equals transformers' (mean CE over non -100 labels).
+dominant MLM cost, and the loss equals transformers' (mean CE over non -100 labels). That needs a
+head that is one position-wise module (BERT ``cls``, RoBERTa ``lm_head``); it is checked once on
+a short input against the masked LM's own forward, and a head that takes more than the hidden
+states (DeBERTa-v2's ``lm_predictions`` with ``legacy: false``) or returns a tuple (XLM) trains
+through the masked LM's own forward instead (the same loss, the logits at every position).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +41,12 @@ class MultiTaskOutput(ModelOutput):
 
 def share_encoder(classifier: PreTrainedModel, mlm: PreTrainedModel) -> None:
     """Point ``mlm`` at the classifier's encoder and re-tie its decoder to the shared embeddings."""
-    setattr(mlm, mlm.base_model_prefix, classifier.base_model)
     out = mlm.get_output_embeddings()
-    if out is not None and getattr(mlm.config, "tie_word_embeddings", True):
+    # Re-tie only a decoder that was tied: some families' ``get_output_embeddings`` returns another
+    # layer (DeBERTa-v2 with ``legacy: false`` returns its head's dense), which must keep its weight.
+    tied = out is not None and out.weight is mlm.get_input_embeddings().weight
+    setattr(mlm, mlm.base_model_prefix, classifier.base_model)
+    if tied:
         out.weight = classifier.get_input_embeddings().weight
 
 
@@ -62,11 +70,33 @@ class MultiTaskModel(nn.Module):
         ]
         # One head module (BERT ``cls``, RoBERTa ``lm_head``) can be applied to gathered
         # positions; other layouts fall back to the model's own forward.
-        self._mlm_head = heads[0] if len(heads) == 1 else None
+        self._mlm_head = heads[0] if len(heads) == 1 and self._head_is_positionwise(heads[0]) else None
 
     @property
     def config(self):  # noqa: ANN201  (Trainer reads model.config)
         return self.classifier_model.config
+
+    def _head_is_positionwise(self, head: nn.Module) -> bool:
+        """``head(hidden[selected])`` == the masked LM's own logits there (eval mode, no RNG used)."""
+        assert self.mlm_model is not None
+        cfg: Any = self.mlm_model.config
+        ids = torch.randint(5, max(6, int(cfg.vocab_size)), (2, 8), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(next(self.mlm_model.parameters()).device)
+        selected = torch.zeros_like(ids, dtype=torch.bool)
+        selected[0, 2] = selected[1, 5] = True
+        was_training = self.mlm_model.training
+        self.mlm_model.eval()
+        try:
+            with torch.no_grad():
+                own = self.mlm_model(input_ids=ids).logits[selected].float()
+                hidden = self.classifier_model.base_model(input_ids=ids)[0]
+                mine = head(hidden[selected])
+                return isinstance(mine, torch.Tensor) and mine.shape == own.shape and bool(
+                    torch.allclose(mine.float(), own, atol=1e-4, rtol=1e-4))
+        except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
+            return False
+        finally:
+            self.mlm_model.train(was_training)
 
     def mlm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  token_type_ids: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
@@ -74,11 +104,12 @@ class MultiTaskModel(nn.Module):
         kwargs = {"attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        if self._mlm_head is None:
-            return self.mlm_model(input_ids=input_ids, labels=labels, **kwargs).loss
-        hidden = self.classifier_model.base_model(input_ids=input_ids, **kwargs)[0]
         selected = labels != -100
-        logits = self._mlm_head(hidden[selected])
+        if self._mlm_head is None:
+            logits = self.mlm_model(input_ids=input_ids, **kwargs).logits[selected]
+        else:
+            hidden = self.classifier_model.base_model(input_ids=input_ids, **kwargs)[0]
+            logits = self._mlm_head(hidden[selected])
         # Sum / max(count, 1): a batch with nothing selected contributes 0, not NaN.
         loss = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
         return loss / selected.sum().clamp_min(1)
@@ -139,5 +170,8 @@ def build_multitask_model(base: str, label_names: list[str], *, with_mlm: bool, 
     mlm = None
     if with_mlm:
         mlm = AutoModelForMaskedLM.from_pretrained(base, revision=revision)
+        if type(mlm.base_model) is not type(classifier.base_model):  # refused up front by l3m.capabilities
+            raise ValueError(f"{type(classifier).__name__}'s encoder ({type(classifier.base_model).__name__}) is not "
+                             f"{type(mlm).__name__}'s ({type(mlm.base_model).__name__}): they cannot share it")
         share_encoder(classifier, mlm)
     return MultiTaskModel(classifier, mlm, mlm_weight=mlm_weight)

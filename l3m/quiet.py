@@ -53,3 +53,19 @@ def quiet_load_reports() -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+
+
+def quiet_loading_bars() -> None:
+    """No per-load "Loading weights" bar: l3m loads a checkpoint twice per run (classifier and
+    masked LM) and once per scorer, and the bars interleave with the run's own progress lines.
+
+    transformers' switch also turns off huggingface_hub's download bars, which a user fetching a
+    hub model wants: those are turned back on unless they were off before.
+    """
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    hub_bars_off = hub.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if not hub_bars_off:
+        hub.enable_progress_bars()

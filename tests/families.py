@@ -99,6 +99,36 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("modernbert", "bytelevel", "bert", False, _modernbert),
 ]}  # fmt: skip
 
+
+
+def _xlm(vocab: int, ids: dict[str, int]) -> Any:
+    from transformers import XLMConfig
+
+    return XLMConfig(vocab_size=vocab, emb_dim=32, n_layers=2, n_heads=2, max_position_embeddings=MAX_POS,
+                     pad_token_id=ids["pad"], bos_token_id=ids["cls"], eos_token_id=ids["sep"],
+                     unk_index=ids["unk"], mask_token_id=ids["mask"], mask_index=ids["mask"])  # fmt: skip
+
+
+def _funnel(vocab: int, ids: dict[str, int]) -> Any:
+    from transformers import FunnelConfig
+
+    return FunnelConfig(vocab_size=vocab, pad_token_id=ids["pad"], block_sizes=[1, 1], block_repeats=[1, 1],
+                        num_decoder_layers=1, d_model=32, n_head=2, d_head=16, d_inner=64)  # fmt: skip
+
+
+# Layouts the whole-pipeline matrix does not carry, each built to exercise one edge a user's model
+# can have: a DeBERTa-v2 whose head takes the embeddings as a second argument (legacy: false), XLM
+# (a head that returns a tuple), Funnel (the classifier's encoder is not the masked LM's, and
+# its outputs depend on padding), a SentencePiece pre-tokenizer that does not split words.
+EDGE_FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("deberta-v2-lm", "unigram", "bert", True,
+           _cfg("DebertaV2Config", max_position_embeddings=MAX_POS, relative_attention=True, legacy=False,
+                position_buckets=32, pos_att_type=["p2c", "c2p"], type_vocab_size=0, **WIDTH)),
+    Family("xlm", "bytelevel", "roberta", False, _xlm),
+    Family("funnel", "wordpiece", "bert", True, _funnel),
+    Family("xlm-roberta-nosplit", "unigram_nosplit", "roberta", False, _roberta_like("XLMRobertaConfig")),
+]}  # fmt: skip
+
 SPECIALS = {
     "bert": {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"},
     "roberta": {"cls": "<s>", "sep": "</s>", "pad": "<pad>", "mask": "<mask>", "unk": "<unk>"},
@@ -136,10 +166,12 @@ def train_tokenizer(kind: str, specials: dict[str, str], texts: list[str], vocab
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=order,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    elif kind == "unigram":
+    elif kind.startswith("unigram"):
         tok = Tokenizer(models.Unigram())
         tok.normalizer = normalizers.NFKC()
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        # split=False: one pre-token per text (word_ids() then says one word per sequence).
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always",
+                                                     split=kind != "unigram_nosplit")
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
         trainer = trainers.UnigramTrainer(vocab_size=vocab, special_tokens=order, unk_token=specials["unk"])
     else:
@@ -166,7 +198,7 @@ def build(family: str, out: Path, data_root: Path, seed: int = 0) -> Path:
     """Save a tiny random ``family`` masked LM and its trained tokenizer to ``out``."""
     from transformers import AutoModelForMaskedLM, PreTrainedTokenizerFast
 
-    fam = FAMILIES[family]
+    fam = FAMILIES.get(family) or EDGE_FAMILIES[family]
     specials = SPECIALS[fam.specials]
     tok = train_tokenizer(fam.tokenizer, specials, list(corpus(data_root)))
     tok.post_processor = _post_processor(tok, specials, fam.token_types, fam.specials == "roberta")

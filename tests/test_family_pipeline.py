@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest_serving import bentoml_server
-from families import FAMILIES
+from families import EDGE_FAMILIES, FAMILIES, build
 from test_cli_errors import prefect_env  # noqa: F401  (fixture: one Prefect server for the module)
 
 from tests.conftest import write_jsonl
@@ -89,7 +89,7 @@ def _config(tmp: Path, model: Path, domain: dict, **over: object) -> str:
     return str(path)
 
 
-def _through_the_pipeline(family: str, model: Path, env: dict[str, str], tmp: Path) -> None:
+def _through_the_pipeline(family: str, model: Path, env: dict[str, str], tmp: Path, scope: str = "layer") -> None:
     domain = _domain(tmp, pairs=family in PAIRS)
     s = _json(_cli(env, tmp, "run", _config(tmp, model, domain)).stdout)
     assert s["scoring"]["path"] in ("packed", "generic"), s["scoring"]
@@ -114,7 +114,7 @@ def _through_the_pipeline(family: str, model: Path, env: dict[str, str], tmp: Pa
 
     tuned = _config(tmp, model, domain, strategies=[{"kind": "l3"}], weighting={"kind": "fixed"},
                     scoring={"mode": "strided", "store_dir": str(tmp / "scores")},
-                    tuners=[{"kind": "child_d"}, {"kind": "weight_mask"}],
+                    tuners=[{"kind": "child_d", "scope": scope}, {"kind": "weight_mask", "scope": scope}],
                     training={"seeds": [1], "epochs": 1, "batch_size": 16, "lr": 1e-3})  # fmt: skip
     t = _json(_cli(env, tmp, "train", tuned).stdout)
     assert sorted(r["tuner"] for r in t["runs"]) == ["child_d", "weight_mask"], t["runs"]
@@ -130,3 +130,12 @@ def test_family_through_the_pipeline(family_models, prefect_env, tmp_path, famil
 def test_family_through_the_pipeline_slow(family_models, prefect_env, tmp_path, family):  # noqa: F811
     _through_the_pipeline(family, family_models[family], prefect_env, tmp_path)
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["deberta-v2-lm", "xlm"])  # heads that train through their own forward
+def test_edge_family_through_the_pipeline(shared_data, prefect_env, tmp_path, family):  # noqa: F811
+    assert family in EDGE_FAMILIES
+    model = build(family, tmp_path / "model", shared_data)
+    # XLM names its blocks attentions / ffns: the tuners' scope "layer" is refused for it up front
+    _through_the_pipeline(family, model, prefect_env, tmp_path, scope="" if family == "xlm" else "layer")

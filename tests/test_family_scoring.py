@@ -169,7 +169,7 @@ def test_a_head_that_is_not_position_wise_falls_back_to_full_logits(family_model
 
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "spm.model", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.txt", "vocab.json", "merges.txt", "bpe.codes", "spm.model", "spiece.model", "sentencepiece.bpe.model",
                    "tokenizer.model", "chat_template.jinja"]  # fmt: skip
 
 

@@ -136,6 +136,8 @@ class PLLScorer:
             self.path = "generic" if self.generic.hooked else "generic-full-logits"
             self.path_reason = f"{self.generic.reason} (packed path: {why_not})"
         self.max_targets = None if self.generic is None else max_target_rows(self.vocab_size, self.device)
+        # A model whose outputs move with padding gets batches of one length (no padding at all).
+        self.one_length = self.generic is not None and not self.generic.pad_exact
         self.stats = EngineStats()
         self._lock = threading.Lock()  # one forward at a time: threads share the model and cores
         self._local = threading.local()
@@ -188,7 +190,7 @@ class PLLScorer:
         done = sum(1 for r in remaining if r == 0)
         with self._lock, torch.inference_mode():
             t0 = time.perf_counter()
-            for batch in self._batches(encs, plans, token_budget, self.max_targets):
+            for batch in self._batches(encs, plans, token_budget, self.max_targets, self.one_length):
                 logp = self._run(batch, encs, plans)
                 pos = 0
                 for u in batch:
@@ -206,11 +208,13 @@ class PLLScorer:
 
     # -- batching -------------------------------------------------------------------------------
     def _batches(
-        self, encs: Sequence[EncodedText], plans: Sequence[Plan], budget: int, max_targets: int | None = None
+        self, encs: Sequence[EncodedText], plans: Sequence[Plan], budget: int, max_targets: int | None = None,
+        one_length: bool = False,
     ) -> Iterator[list[_Unit]]:
         """Greedy fill in descending length order, so each batch's first unit sets its padded length.
 
-        ``max_targets`` also caps the target rows of a batch (the generic path's logits).
+        ``max_targets`` also caps the target rows of a batch (the generic path's logits);
+        ``one_length`` closes a batch where the length changes (a model that padding would move).
         """
         order = sorted(range(len(encs)), key=lambda i: -encs[i].length)
         batch: list[_Unit] = []
@@ -227,7 +231,7 @@ class PLLScorer:
                 width = batch[0].length if batch else L
                 add, add_t = (r1 - r0) * width, (r1 - r0) * per_copy
                 over_t = max_targets is not None and n_tgt + add_t > max_targets
-                if batch and (cost + add > budget or over_t):
+                if batch and (cost + add > budget or over_t or (one_length and L != batch[0].length)):
                     yield batch
                     batch, cost, n_tgt, add = [], 0, 0, (r1 - r0) * L
                 batch.append(_Unit(i, r0, r1, L))

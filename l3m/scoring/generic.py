@@ -10,6 +10,11 @@ much as a small encoder layer per row) runs at the targets only, with no per-fam
 A model whose head is not position-wise would give different numbers with the hook, so the hook
 is checked once against the unhooked forward on a short input; if they differ, or the hooked
 forward fails, the full logits are computed and the targets read off them (exact, just slower).
+
+Padding is checked the same way: most encoders give a sequence the same outputs alone as padded
+in a batch (the attention mask hides the pads), but some do not (Funnel pools the padded
+sequence, pads included). A model whose scores move with padding gets batches of one length
+only (every masked copy of a text has the text's length, so nothing is padded).
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ class TargetForward:
         self.reason = "no separate base model: full logits"
         if self.base is not None:
             self.hooked, self.reason = self._check()
+        self.pad_exact = self._pad_check()
+        if not self.pad_exact:
+            self.reason += "; its outputs depend on padding: batches of one length only"
 
     def inputs(self, ids: torch.Tensor, attn: torch.Tensor, tt: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The forward's keyword arguments; token types only for a model that takes them."""
@@ -104,7 +112,7 @@ class TargetForward:
         rows, slots = torch.tensor([0, 0, 1], device=dev), torch.tensor([1, 8, 3], device=dev)
         try:
             with torch.inference_mode():
-                full = self.model(**kw, return_dict=True).logits[rows, slots].float()
+                full = self._full_logits(kw, rows, slots)
                 with self._pick(rows, slots):
                     picked = self.model(**kw, return_dict=True).logits.reshape(3, -1).float()
         except Exception as e:  # noqa: BLE001 - any failure of the hook means: do not use it
@@ -114,6 +122,24 @@ class TargetForward:
         if diff is None or diff > CHECK_TOL:
             return False, f"{name}: its head is not position-wise (max |diff| {diff}): full logits"
         return True, f"{name}: the model's own forward, its MLM head at the target rows only"
+
+
+    def _pad_check(self) -> bool:
+        """A short sequence scores the same alone as padded beside a longer one (float32)."""
+        dev = next(self.model.parameters()).device
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(5, max(6, self.vocab_size), (2, 12), generator=gen).to(dev)
+        attn = torch.ones_like(ids)
+        attn[1, 7:] = 0
+        rows, slots = torch.tensor([1, 1], device=dev), torch.tensor([2, 5], device=dev)
+        with torch.inference_mode():
+            both = self._full_logits(self.inputs(ids, attn, torch.zeros_like(ids)), rows, slots)
+            alone = self._full_logits(self.inputs(ids[1:, :7], attn[1:, :7], torch.zeros_like(ids[1:, :7])),
+                                      rows * 0, slots)  # fmt: skip
+        return bool((both.log_softmax(-1) - alone.log_softmax(-1)).abs().max().item() <= CHECK_TOL)
+
+    def _full_logits(self, kw: dict[str, torch.Tensor], rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return self.model(**kw, return_dict=True).logits[rows, slots].float()
 
 
 def _target_logprobs(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ TOKENIZER_PATTERNS = (
     "vocab*.txt",
     "vocab*.json",
     "merges*.txt",
+    "bpe.codes",  # BERTweet and PhoBERT's BPE merges
     "*.model",
     "*.tiktoken",
 )

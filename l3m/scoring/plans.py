@@ -94,10 +94,7 @@ def encode(tokenizer: Any, items: Sequence[Item], max_length: int) -> list[Encod
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("PLL scoring needs a fast tokenizer (word_ids() gives the word boundaries)")
     specials = _special_ids(tokenizer)
-    # Without a pre-tokenizer (SentencePiece conversions that put the "▁" in the normalizer), a
-    # fast tokenizer reports one word per sequence: the word starts are then read off the pieces.
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    by_marker = backend is not None and backend.pre_tokenizer is None
+    by_marker = not _splits_words(getattr(tokenizer, "backend_tokenizer", None))
     out: list[EncodedText | None] = [None] * len(items)
     # An empty pair is no pair for ``tokenizer(text, "")`` (it tests truthiness), but a batched
     # call would add a second [SEP]: route it with the singles so both agree.
@@ -118,22 +115,44 @@ def encode(tokenizer: Any, items: Sequence[Item], max_length: int) -> list[Encod
     return [e for e in out if e is not None]
 
 
+def _splits_words(backend: Any) -> bool:
+    """Whether word_ids() holds: the pre-tokenizer splits "a b" into two words.
+
+    Without a pre-tokenizer (SentencePiece conversions that put the "▁" in the normalizer), or with
+    one that does not split (``Metaspace(split=False)``), a fast tokenizer reports one word per
+    sequence: the word starts are then read off the pieces.
+    """
+    if backend is None:
+        return True
+    pre = backend.pre_tokenizer
+    return pre is not None and len(pre.pre_tokenize_str("a b")) > 1
+
+
 # Pieces that start a word: SentencePiece "▁" and byte-level BPE "Ġ" mark the word's first piece
 # (WordPiece marks the others with "##", and always has a pre-tokenizer, so word_ids() holds).
 WORD_START = ("▁", "Ġ")
 
 
 def _marker_words(tokens: list[str], seq_ids: list[int | None]) -> list[int | None]:
-    """Word ids from the pieces' word-start markers (a new sequence starts a new word too)."""
+    """Word ids from the pieces' word-start markers (a new sequence starts a new word too).
+
+    A piece belongs to the word of its first non-marker character. Without a splitting
+    pre-tokenizer a piece can end with the next word's marker (",▁", "▁with▁"): the piece after
+    it then starts a word. A piece of markers only ("▁") starts the word it precedes.
+    """
     out: list[int | None] = []
     word = -1
+    prev = ""
     for p, (t, s) in enumerate(zip(tokens, seq_ids, strict=True)):
         if s is None:
             out.append(None)
+            prev = ""
             continue
-        if word < 0 or t.startswith(WORD_START) or seq_ids[p - 1] != s:
+        after_marker = prev.endswith(WORD_START) and bool(prev.strip("".join(WORD_START)))
+        if word < 0 or t.startswith(WORD_START) or after_marker or seq_ids[p - 1] != s:
             word += 1
         out.append(word)
+        prev = t
     return out
 
 

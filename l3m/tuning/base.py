@@ -144,6 +144,12 @@ def encoder_layer_stack(clf: PreTrainedModel) -> list[nn.ModuleList]:
     return stack
 
 
+def layer_stack_linears(clf: PreTrainedModel) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` s (exact type) inside the encoder's layer stack, by name in ``clf``."""
+    layers = {id(m) for block in encoder_layer_stack(clf) for m in block.modules()}
+    return {n: m for n, m in clf.named_modules() if type(m) is nn.Linear and id(m) in layers}
+
+
 def scoped_parameters(model: nn.Module, scope: str) -> Iterator[tuple[str, nn.Parameter]]:
     """Trainable encoder-layer parameters whose name contains ``scope`` (Child-Tuning's ``'layer' in name``).
 

@@ -38,10 +38,10 @@ from l3m.config import TunerSpec
 from l3m.tuning.base import (
     FisherBatches,
     Tuner,
-    encoder_layer_stack,
     find_classifier,
     head_prefixes,
     is_head_param,
+    layer_stack_linears,
     register_tuner,
     split_decay,
     tensor_bytes,
@@ -117,7 +117,7 @@ def _linears_to_mask(clf: PreTrainedModel, scope: str, mask_head: bool) -> list[
     """Names of the ``nn.Linear`` s to mask: those of the encoder's layer stack whose name contains
     ``scope``, a BERT-style pooler's dense layer, and with ``mask_head`` the task head's."""
     heads = head_prefixes(clf)
-    layers = {id(m) for block in encoder_layer_stack(clf) for m in block.modules()}
+    layers = layer_stack_linears(clf)
     pooler = f"{clf.base_model_prefix}.pooler.dense"
     names = []
     for name, module in clf.named_modules():
@@ -126,7 +126,7 @@ def _linears_to_mask(clf: PreTrainedModel, scope: str, mask_head: bool) -> list[
         if is_head_param(name, heads):
             if mask_head:
                 names.append(name)
-        elif name == pooler or (id(module) in layers and scope in name):
+        elif name == pooler or (name in layers and scope in name):
             names.append(name)
     return names
 
