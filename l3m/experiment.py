@@ -87,17 +87,18 @@ def selective_masks(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, log: Log
     store = SelectiveStore(out_dir / "selective")
     key = store.key(f"{rater.run_id}:{digest(rows)}", inputs.loaded.fingerprint, spec.rate, spec.delta,
                     cfg.model.max_length)
-    picked = store.get(key)
-    if picked is None:
+
+    def compute() -> list[np.ndarray]:
         tok = AutoTokenizer.from_pretrained(rec.model_dir)
         model = AutoModelForSequenceClassification.from_pretrained(rec.model_dir)
         encs = [dict(tok(*items[i], **encode_kwargs(cfg.model.max_length))) for i in rows]
         labels = list(inputs.loaded.dataset["train"]["label"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         log(f"selective: {len(encs)} texts, prefix evaluations batched on {device}")
-        picked = compute_selective_masks(model, tok, encs, [labels[i] for i in rows], rate=spec.rate,
-                                         delta=spec.delta, device=device)
-        store.put(key, picked)
+        return compute_selective_masks(model, tok, encs, [labels[i] for i in rows], rate=spec.rate,
+                                       delta=spec.delta, device=device)
+
+    picked = store.get_or_compute(key, compute, expected=len(rows))
     masks: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(items)  # never read: not trained on
     for i, m in zip(rows, picked, strict=True):
         masks[i] = m

@@ -175,3 +175,28 @@ def test_model_time_excludes_waiting_for_a_shared_scorer(tiny: Path):
     assert waited >= hold  # it did wait for the lock ...
     assert 0 < st.seconds < waited - hold / 2  # ... and its model time leaves the wait out
     assert st.seconds == pytest.approx(scorer.last_seconds)
+
+
+def test_a_hub_id_is_keyed_by_the_commit_its_revision_resolves_to(tmp_path: Path, monkeypatch):
+    """Offline, loading takes the cached ref's commit: so does the key. A new commit on the ref gives
+    a new key, an unchanged ref the same key; no environment variable relabels it."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
+    refs = tmp_path / "models--owner--model" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+
+    def key(rev: str | None = None) -> str:
+        return scorer_key("owner/model", rev, "within_word_l2r", 128)
+
+    first = key()
+    assert key() == first  # reused when nothing changed
+    monkeypatch.setenv("L3M_HUB_REVISION", "v2")
+    assert key() == first  # an environment label that loading never reads changes nothing
+    (refs / "main").write_text("b" * 40)  # a new commit on main
+    assert key() != first
+    assert key("a" * 40) == first  # the commit pinned explicitly: the same model as before
+    (refs / "main").unlink()
+    assert key() not in (first, key("b" * 40))  # not cached, offline: "unresolved", its own key

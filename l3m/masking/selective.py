@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import logging
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +31,10 @@ import numpy as np
 import torch
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
+from l3m.locking import exclusive
 from l3m.masking.base import MaskingStrategy, content_mask, register_masking
+
+log = logging.getLogger("l3m.selective")
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -143,7 +150,14 @@ def compute_selective_masks(
 
 
 class SelectiveStore:
-    """Stored selections, one .npz per (classifier, data, rate, delta, max_length) key."""
+    """Stored selections, one .npz per (classifier, data, rate, delta, max_length) key.
+
+    Several processes can ask for one key at once (the ranks of ``l3m train --nproc``, workers
+    sharing an output directory): ``get_or_compute`` holds a per-key lock, so one computes and
+    the others read its file. Writes go to a temporary file unique to the writer, then replace
+    the target in one step, so a reader never sees half a file; an unreadable file (a disk full
+    before this rule, a copy cut short) is recomputed, not trusted.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -160,14 +174,37 @@ class SelectiveStore:
         p = self.path(key)
         if not p.exists():
             return None
-        with np.load(p) as z:
-            flat, lengths = z["flat"], z["lengths"]
+        try:
+            with np.load(p) as z:
+                flat, lengths = z["flat"], z["lengths"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            log.warning("selective store: %s is unreadable (%s); recomputing", p.name, e)
+            return None
+        if int(lengths.sum()) != len(flat):
+            log.warning("selective store: %s is inconsistent; recomputing", p.name)
+            return None
         return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
     def put(self, key: str, masks: list[np.ndarray]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         lengths = np.array([len(m) for m in masks], dtype=np.int64)
         flat = np.concatenate(masks) if masks else np.zeros(0, dtype=np.float32)
-        tmp = self.path(key).with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, flat=flat, lengths=lengths)
-        tmp.replace(self.path(key))
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".selective-{key}.", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez_compressed(fh, flat=flat, lengths=lengths)
+            os.replace(tmp, self.path(key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_or_compute(self, key: str, compute: Callable[[], list[np.ndarray]], expected: int) -> list[np.ndarray]:
+        """The stored selection of ``key`` if it holds ``expected`` texts, else ``compute()``'s
+        (stored); one process computes a key at a time."""
+        with exclusive(self.root / f".selective-{key}.lock"):
+            found = self.get(key)
+            if found is not None and len(found) == expected:
+                return found
+            masks = compute()
+            self.put(key, masks)
+            return masks

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -63,9 +62,32 @@ def model_fingerprint(model_path_or_name: str, revision: str | None = None) -> d
             "weights": _combine({f.name: file_digest(f) for f in weights}),
             "tokenizer": _combine({f.name: file_digest(f) for f in tok}),
         }
-    # A hub id: the revision pins weights and tokenizer together. Without one, the key can only
-    # say "whatever main is": record that, so a user who wants invalidation pins a revision.
-    return {"hub": model_path_or_name, "revision": revision or os.environ.get("L3M_HUB_REVISION", "main")}
+    # A hub id: the commit the revision resolves to pins weights and tokenizer together, so a
+    # new commit on "main" gives new keys. Unresolvable (offline and not cached) is recorded as such.
+    rev = revision or "main"
+    commit = hub_commit(model_path_or_name, rev)
+    if commit is None:
+        return {"hub": model_path_or_name, "revision": rev, "commit": "unresolved"}
+    return {"hub": model_path_or_name, "commit": commit}  # "main" today and its commit pinned: one model
+
+
+def hub_commit(repo_id: str, revision: str) -> str | None:
+    """The commit ``revision`` of a hub model resolves to, as loading resolves it: the hub's answer
+    when online, else the local cache's ref (what an offline ``from_pretrained`` loads)."""
+    from huggingface_hub import constants
+
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    cached = ref.read_text().strip() if ref.is_file() else None
+    if constants.is_offline_mode():
+        return cached
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo_id, revision=revision).sha or cached
+    except Exception:  # noqa: BLE001 - no network or no such repo: the cache's answer, if any
+        return cached
 
 
 def _combine(parts: dict[str, str]) -> str:
