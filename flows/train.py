@@ -19,9 +19,9 @@ from prefect.cache_policies import NONE
 from flows.common import artifact_key, as_config, load_data
 from l3m import experiment
 from l3m.config import ConfigError, RunConfig
-from l3m.identity import RunKey, experiment_dir
+from l3m.distributed import per_rank_batch
+from l3m.identity import RunKey, experiment_dir, run_dir_state
 from l3m.modelcheck import check_run_model
-from l3m.train import RUN_RECORD
 
 
 @task(name="prepare-scores", cache_policy=NONE)
@@ -45,7 +45,7 @@ def prepare_task(cfg: RunConfig, snapshot: str | None) -> dict[str, Any]:
 def train_run_task(cfg: RunConfig, snapshot: str | None, key: list[Any]) -> dict[str, Any]:
     log = get_run_logger().info
     run = RunKey(str(key[0]), str(key[1]), int(key[2]), str(key[3]))
-    reused = (run.path(cfg.resolved_output_dir()) / RUN_RECORD).exists()
+    reused = run_dir_state(run.path(cfg.resolved_output_dir()), run.run_id) == "finished"
     inputs = experiment.prepare_inputs(cfg, load_data(cfg, snapshot), log=log)  # store read: scored in prepare
     rec = experiment.run_planned(cfg, run, inputs, cfg.resolved_output_dir(), log=log)
     return {"strategy": run.strategy, "tuner": run.tuner, "seed": run.seed, "run_id": run.run_id,
@@ -101,6 +101,10 @@ def torchrun_train(config: Path, overrides: list[str], nproc: int) -> int:
         # Its task-weight update is per process; refused before any work, not in every rank.
         raise ConfigError(f"{config}: weighting.kind=meta_tartan runs in one process; use --nproc 1 or "
                           "--set weighting.kind=fixed")
+    try:  # N processes train the one-process run only when the global batch splits over them
+        per_rank_batch(cfg.training.batch_size, cfg.training.grad_accum, nproc)
+    except ValueError as e:
+        raise ConfigError(f"{config}: {e}") from None
     check_run_model(cfg)
     snapshot = ensure_snapshot(cfg)
     args = [str(config), *overrides, "--snapshot", snapshot]

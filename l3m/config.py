@@ -237,6 +237,11 @@ class TrainingSpec(Strict):
     mlm_batch: Literal["same", "independent"] = "same"
     # Counted in evaluations: epochs, or eval_steps optimizer steps when that is set.
     early_stopping_patience: int = Field(3, ge=1)
+    # Which of several evaluations tied at the best dev score is kept, in both stages: "earliest"
+    # (transformers: only a strictly higher score is a new best, and resets the patience) or
+    # "latest" (the L3Masking authors: they save on >= and stop only when the last `patience`
+    # evaluations are all strictly below the best). The paper profiles use "latest".
+    ties: Literal["earliest", "latest"] = "earliest"
     eval_steps: int | None = Field(None, ge=1)
     stage2: Stage2Spec | None = None
     fp16_on_cuda: bool = True

@@ -19,8 +19,10 @@ CLI (also what the Prefect flow ``train`` calls piecewise):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,9 @@ import numpy as np
 from l3m.config import MaskingSpec, RunConfig, TunerSpec, load_config
 from l3m.data.loading import LoadedDomain, encode_kwargs, load_domain
 from l3m.data.snapshot import load_snapshot
+from l3m.distributed import barrier, from_rank_zero, process_group, rank, world_size
 from l3m.evaluate import majority_baseline
-from l3m.identity import RunKey, digest, experiment_dir, experiment_id, run_key
+from l3m.identity import RunKey, digest, experiment_dir, experiment_id, run_dir_state, run_key, write_identity
 from l3m.inputs import (
     current_score_key,
     l3_rates,
@@ -109,26 +112,38 @@ def run_planned(cfg: RunConfig, key: RunKey, inputs: TrainInputs, out_dir: Path,
     """Train (or reuse, or resume) one planned run in its identity-named directory.
 
     Two processes sharing the output root (two workers running the same config) take turns: the
-    run's lock file makes the second wait and then reuse what the first trained. A torchrun launch
-    takes no lock (its ranks train one run together; a lock held by one rank would deadlock it).
+    run's lock file makes the second wait and then reuse what the first trained. Under torchrun
+    the ranks train one run together: rank 0 takes the lock and decides for all of them (a lock per
+    rank would deadlock them), the others follow its decision (``l3m.distributed``).
     """
     run_dir = key.path(out_dir)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return _run_unlocked(cfg, key, inputs, out_dir, log)
-    with exclusive(run_dir.with_name(run_dir.name + ".lock")):
+    lock = run_dir.with_name(run_dir.name + ".lock")
+    if world_size() > 1:
+        process_group()
+        with exclusive(lock) if rank() == 0 else contextlib.nullcontext():
+            return _run_unlocked(cfg, key, inputs, out_dir, log)
+    with exclusive(lock):
         return _run_unlocked(cfg, key, inputs, out_dir, log)
 
 
 def _run_unlocked(cfg: RunConfig, key: RunKey, inputs: TrainInputs, out_dir: Path, log: Log) -> RunRecord:
     run_dir = key.path(out_dir)
-    if (run_dir / RUN_RECORD).exists():
+    state = from_rank_zero(run_dir_state(run_dir, key.run_id))  # what identity.json says, not the name
+    if state == "finished":
         log(f"run {key.name}: finished before with identical settings, data and scores: reused")
         return RunRecord.load(run_dir / RUN_RECORD)
+    if state == "foreign" and rank() == 0:
+        aside = run_dir.with_name(f"{run_dir.name}.foreign-{int(time.time())}")
+        log(f"run {key.name}: its directory holds another run's files (identity.json differs or is missing): "
+            f"moved to {aside.name}, training anew")
+        run_dir.rename(aside)
     if key.strategy == "selective" and inputs.selective_mask is None:
         inputs.selective_mask = selective_masks(cfg, inputs, out_dir, log)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ident = run_identity_of(cfg, key, inputs)
-    (run_dir / "identity.json").write_text(json.dumps(ident, indent=2, sort_keys=True))
+    if rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_identity(run_dir, ident)
+    barrier()
     log(f"run {key.name}")
     return train_one(cfg, _masking(cfg, key.strategy), _tuner(cfg, key.tuner), key.seed, inputs, run_dir,
                      run_id=key.run_id)

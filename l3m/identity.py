@@ -13,18 +13,32 @@ content fingerprint and, for L3, the key of the vanilla scores. It leaves out wh
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from l3m.config import MaskingSpec, RunConfig, TunerSpec
 
 # Bumped when the meaning of a run changes without any setting changing (e.g. a fix in how runs
 # are trained that makes older runs incomparable).
 # 2: gradient accumulation averages micro-batches (before, the Trainer summed them).
-IDENTITY_VERSION = 2
+# 3: MLM texts drawn from a pool (unlabelled corpus, independent MLM batch) are keyed per batch
+#    slot, not drawn from the collator's stream; warmup is a share of the Trainer's own step count.
+IDENTITY_VERSION = 3
+# The training code IDENTITY_VERSION was pinned against (``training_code_digest``): a change to
+# these modules fails tests/test_identity.py until it is pinned again, with the version bumped
+# when the change alters what a run computes. ``python -m l3m.identity pin`` does it (it asks
+# for ``--same-results`` to re-pin an unchanged version).
+TRAINING_CODE = {"version": 3, "digest": "214326f7782c30b3dfb09fc529dea750a0b0dea05e4b925e3eaf23e69386689d"}
+TRAINING_MODULES = ("train.py", "run_steps.py", "trainer.py", "stage2.py", "encoding.py", "modeling.py",
+                    "optim.py", "evaluate.py", "distributed.py", "masking/*.py", "weighting/*.py", "tuning/*.py")
+RUN_RECORD = "run.json"
+IDENTITY_FILE = "identity.json"
 RUNS_DIR = "runs"
 EXPERIMENTS_DIR = "experiments"
 # Settings that only matter to strategies with an auxiliary MLM loss: STL runs ignore them, so a
@@ -121,3 +135,86 @@ def experiment_id(keys: list[RunKey]) -> str:
 
 def experiment_dir(cfg: RunConfig, keys: list[RunKey]) -> Path:
     return cfg.resolved_output_dir() / EXPERIMENTS_DIR / f"{cfg.domain.name}-{experiment_id(keys)[:12]}"
+
+
+def _code_of(path: Path) -> str:
+    """A module's code without comments and docstrings: what it computes, not how it reads."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
+    return ast.unparse(tree)
+
+
+def training_code_digest(root: Path | None = None) -> str:
+    """sha256 over the training modules' code (``TRAINING_MODULES`` under ``l3m/``)."""
+    root = root or Path(__file__).parent
+    files = sorted({p for pattern in TRAINING_MODULES for p in root.glob(pattern)})
+    return digest({p.relative_to(root).as_posix(): _code_of(p) for p in files})
+
+
+def training_code_drift() -> str | None:
+    """None when the pinned training code is the current one at the current version, else what to do."""
+    now = {"version": IDENTITY_VERSION, "digest": training_code_digest()}
+    if now == TRAINING_CODE:
+        return None
+    return (f"the training code ({', '.join(TRAINING_MODULES)} under l3m/) is not the code IDENTITY_VERSION "
+            f"{TRAINING_CODE['version']} was pinned against (pinned {TRAINING_CODE}, now {now}). If the change "
+            "alters what a run computes (steps, draws, losses, weights, scores, checkpoint choice), bump "
+            "IDENTITY_VERSION in l3m/identity.py with a line saying why (finished runs then retrain), then run "
+            "`python -m l3m.identity pin`; if it computes the same runs, run `python -m l3m.identity pin --same-results`.")
+
+
+def pin(same_results: bool, path: Path | None = None) -> str:
+    """Rewrite ``TRAINING_CODE`` in this file for the current code and version."""
+    path = path or Path(__file__)
+    if TRAINING_CODE["version"] == IDENTITY_VERSION and not same_results and training_code_drift():
+        raise SystemExit(f"IDENTITY_VERSION is still {IDENTITY_VERSION}: bump it if the change alters what a run "
+                         "computes, or pass --same-results if it does not")
+    line = f'TRAINING_CODE = {{"version": {IDENTITY_VERSION}, "digest": "{training_code_digest()}"}}'
+    text = path.read_text(encoding="utf-8")
+    start = text.index("TRAINING_CODE = {")
+    path.write_text(text[:start] + line + text[text.index("\n", start):], encoding="utf-8")
+    return line
+
+
+RunDirState = Literal["absent", "foreign", "partial", "finished"]
+
+
+def run_dir_state(run_dir: Path, run_id: str) -> RunDirState:
+    """What a run directory holds for ``run_id``, read from its ``identity.json`` (not its name):
+    nothing, another identity's files (or none to tell), an interrupted run, or a finished one."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return "absent"
+    try:
+        ident = json.loads((run_dir / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        return "foreign"
+    if digest(ident) != run_id:
+        return "foreign"
+    return "finished" if (run_dir / RUN_RECORD).exists() else "partial"
+
+
+def write_identity(run_dir: Path, ident: dict[str, Any]) -> None:
+    tmp = run_dir / f".{IDENTITY_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(ident, indent=2, sort_keys=True))
+    os.replace(tmp, run_dir / IDENTITY_FILE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m l3m.identity [digest | pin [--same-results]]``."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["pin"]:
+        print(pin(same_results="--same-results" in args))
+    elif args[:1] in (["digest"], []):
+        print(training_code_digest())
+        if (drift := training_code_drift()) is not None:
+            print(drift, file=sys.stderr)
+    else:
+        raise SystemExit("usage: python -m l3m.identity [digest | pin [--same-results]]")
+
+
+if __name__ == "__main__":
+    main()

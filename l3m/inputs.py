@@ -15,8 +15,8 @@ import numpy as np
 
 from l3m.config import RunConfig
 from l3m.data.loading import LoadedDomain, encode_kwargs, load_domain, load_unlabelled
+from l3m.encoding import TrainInputs, train_rows
 from l3m.identity import digest
-from l3m.train import TrainInputs, train_rows
 
 Log = Callable[[str], None]
 MLM_SCORED = ("l3",)  # strategies that read the vanilla scores

@@ -4,7 +4,9 @@ L3Masking's authors report every number after a second stage (``run_mlm_auxiliar
 ``train_primary``): the classifier alone, starting at the stage-1 point with the best dev score,
 trained at a small constant lr (5e-6, no warmup or decay) for at most 10 epochs with the dev
 metric checked every epoch and patience 3. Its result is kept only when its best dev score beats
-stage 1's; otherwise the stage-1 model stands. The same rule is applied here.
+stage 1's; otherwise the stage-1 model stands. The same rule is applied here, and stage 2 follows
+the run's tie rule (``training.ties``; the authors' ``train_primary`` keeps the latest tied best)
+and resumes exactly as stage 1 does (``l3m.trainer.train_or_replay``).
 
 The stage-1 module is the multi-task one (encoder shared with the MLM head); stage 2 wraps a
 copy of its classifier in a ``MultiTaskModel`` without an MLM head, so no MLM loss can be
@@ -22,13 +24,14 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, TrainingArguments
+from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 from l3m.config import Stage2Spec, TrainingSpec
+from l3m.distributed import per_rank_batch, world_size
 from l3m.evaluate import compute_metrics
 from l3m.modeling import MultiTaskModel
 from l3m.optim import param_groups
-from l3m.trainer import MultiTaskTrainer, StepTimer
+from l3m.trainer import MultiTaskTrainer, Patience, StepTimer, train_or_replay
 from l3m.tuning.base import find_classifier
 
 STAGE2_DIR = "stage2"
@@ -36,14 +39,16 @@ STAGE2_DIR = "stage2"
 
 def stage2_args(t_cfg: TrainingSpec, spec: Stage2Spec, out_dir: Path, seed: int, metric: str,
                 mixed_precision: dict[str, Any]) -> TrainingArguments:
+    batch, accum = per_rank_batch(t_cfg.batch_size, t_cfg.grad_accum, world_size())  # stage 1's global batch
     return TrainingArguments(
         output_dir=str(out_dir / STAGE2_DIR / "checkpoints"), seed=seed, data_seed=seed,
-        per_device_train_batch_size=t_cfg.batch_size, per_device_eval_batch_size=max(64, t_cfg.batch_size),
-        gradient_accumulation_steps=t_cfg.grad_accum, learning_rate=spec.lr, lr_scheduler_type="constant",
+        per_device_train_batch_size=batch, per_device_eval_batch_size=max(64, t_cfg.batch_size),
+        gradient_accumulation_steps=accum, learning_rate=spec.lr, lr_scheduler_type="constant",
         weight_decay=t_cfg.weight_decay, adam_beta1=t_cfg.adam_beta1, adam_beta2=t_cfg.adam_beta2,
         adam_epsilon=t_cfg.adam_epsilon, max_grad_norm=t_cfg.max_grad_norm, num_train_epochs=spec.epochs,
         eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
-        metric_for_best_model=metric, greater_is_better=True, logging_strategy="epoch", report_to=[],
+        metric_for_best_model=metric, greater_is_better=True, restore_callback_states_from_checkpoint=True,
+        logging_strategy="epoch", report_to=[],
         remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), **mixed_precision,
     )
@@ -68,10 +73,9 @@ def run_stage2(stage1_model: torch.nn.Module, t_cfg: TrainingSpec, spec: Stage2S
     trainer = MultiTaskTrainer(
         model=model, args=args, data_collator=collator, eval_collator=collator, train_dataset=train_ds,
         eval_dataset=dev_ds, processing_class=tokenizer, compute_metrics=compute_metrics,
-        optimizers=(optimizer, None),
-        callbacks=[EarlyStoppingCallback(spec.patience), StepTimer()],
+        optimizers=(optimizer, None), ties=t_cfg.ties,
+        callbacks=[Patience(spec.patience, metric, t_cfg.ties), StepTimer()],
     )
-    ckpts = sorted((out_dir / STAGE2_DIR / "checkpoints").glob("checkpoint-*")) if resume else []
-    trainer.train(resume_from_checkpoint=True if ckpts else None)
+    train_or_replay(trainer, resume)
     best = trainer.state.best_metric
     return trainer, float("-inf") if best is None else float(best)

@@ -136,3 +136,100 @@ def test_changed_config_trains_anew_unchanged_reuses_and_no_foreign_resume(domai
     # The interrupted run itself resumes from its own checkpoint: no step is trained again.
     resumed = experiment.run_planned(cfg, l3_key, inputs, tmp_path, log=quiet)
     assert resumed.global_steps == 3 and resumed.median_step_seconds == 0.0
+
+
+def test_training_code_is_pinned_with_the_identity_version():
+    """Changing the training modules fails here until IDENTITY_VERSION is bumped (or the change is
+    declared result-neutral) and the digest re-pinned: the message says how."""
+    from l3m.identity import training_code_drift
+
+    drift = training_code_drift()
+    assert drift is None, drift
+
+
+def test_training_code_digest_sees_code_not_comments_or_docstrings(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from l3m.identity import training_code_digest
+
+    root = tmp_path / "l3m"
+    shutil.copytree(Path(experiment.__file__).parent, root)
+    before = training_code_digest(root)
+    module = root / "trainer.py"
+    text = module.read_text()
+    module.write_text(text.replace('"""The Trainer subclass', '"""Reworded: the Trainer subclass', 1) + "\n# a comment\n")
+    assert training_code_digest(root) == before
+    module.write_text(text.replace("self.warmup_steps = int(num_training_steps * self.warmup_ratio)",
+                                   "self.warmup_steps = round(num_training_steps * self.warmup_ratio)"))
+    assert training_code_digest(root) != before
+    (root / "masking" / "new_strategy.py").write_text("X = 1\n")  # a new training module counts too
+    module.write_text(text)
+    assert training_code_digest(root) != before
+
+
+def test_pin_refuses_an_unchanged_version_unless_the_results_are_the_same(tmp_path, monkeypatch):
+    from l3m import identity
+
+    copy = tmp_path / "identity.py"
+    copy.write_text(open(identity.__file__).read())
+    monkeypatch.setattr(identity, "TRAINING_CODE", {"version": identity.IDENTITY_VERSION, "digest": "old"})
+    with pytest.raises(SystemExit, match="bump it"):
+        identity.pin(same_results=False, path=copy)
+    line = identity.pin(same_results=True, path=copy)
+    assert line in copy.read_text() and identity.training_code_digest() in line
+    monkeypatch.setattr(identity, "TRAINING_CODE", {"version": identity.IDENTITY_VERSION - 1, "digest": "old"})
+    assert identity.pin(same_results=False, path=copy) == line  # a bumped version pins without the flag
+
+
+def _fake_train(calls):
+    from l3m.train import RunRecord
+
+    def train_one(cfg, masking, tuner, seed, inputs, run_dir, run_id=""):
+        calls.append(run_dir)
+        rec = RunRecord(domain="toy", strategy=masking.kind, tuner=tuner.kind, seed=seed, metrics={}, run_id=run_id)
+        rec.save(run_dir / RUN_RECORD)
+        return rec
+
+    return train_one
+
+
+def test_reuse_reads_identity_json_not_the_folder_name(domain, tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    from l3m.train import TrainInputs
+
+    calls: list = []
+    monkeypatch.setattr(experiment, "train_one", _fake_train(calls))
+    cfg = _cfg(domain, tiny_model, tmp_path)
+    cfg.strategies = [MaskingSpec(kind="none")]
+    key = experiment.plan_runs(cfg, "data-a")[0][0]
+    inputs = TrainInputs(experiment.load_domain(domain), data_fingerprint="data-a")
+    quiet = lambda s: None  # noqa: E731
+    experiment.run_planned(cfg, key, inputs, tmp_path, log=quiet)
+    experiment.run_planned(cfg, key, inputs, tmp_path, log=quiet)
+    assert len(calls) == 1  # the finished run is reused
+    ident = key.path(tmp_path) / "identity.json"
+    ident.write_text(ident.read_text().replace('"seed": 1', '"seed": 7'))  # another run's files under this name
+    experiment.run_planned(cfg, key, inputs, tmp_path, log=quiet)
+    assert len(calls) == 2  # not reused: trained anew, the foreign files moved aside
+    assert json.loads(ident.read_text())["seed"] == 1
+    assert len(list(tmp_path.glob(f"runs/{key.name}.foreign-*"))) == 1
+
+
+def test_run_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import os
+
+    from l3m.train import RunRecord
+
+    path = tmp_path / RUN_RECORD
+    old = RunRecord(domain="toy", strategy="none", tuner="full", seed=1, metrics={"dev": {"accuracy": 0.5}})
+    old.save(path)
+    before = path.read_text()
+
+    def crash(src, dst):
+        raise OSError("killed while writing")
+
+    monkeypatch.setattr(os, "replace", crash)
+    new = RunRecord(domain="toy", strategy="none", tuner="full", seed=1, metrics={"dev": {"accuracy": 0.9}})
+    with pytest.raises(OSError):
+        new.save(path)
+    assert path.read_text() == before  # the reader sees the old record whole, never a torn one

@@ -101,7 +101,7 @@ def test_stage2_starts_from_stage1_best_and_trains_no_mlm(domain, tiny_mlm_dir, 
         seen["first_batch"] = next(iter(trainer.get_train_dataloader()))
         return trainer, best
 
-    monkeypatch.setattr("l3m.train.run_stage2", spy)
+    monkeypatch.setattr("l3m.run_steps.run_stage2", spy)
 
     rec = train_one(cfg, MaskingSpec(kind="l3"), TunerSpec(), seed=3, inputs=inputs, out_dir=tmp_path / "run",
                     keep_checkpoints=True)

@@ -18,7 +18,17 @@ masks then do not depend on which batch or process it lands in, so ``torchrun`` 
 processes masks every example as one process does (the Trainer sets ``epoch`` on every rank
 through a callback; an example can sit on another rank in the next epoch). The
 draws are uniform variates compared with the same probabilities, so the masking distribution
-is unchanged; only features without an id (direct use, the unlabelled pool) use the stream.
+is unchanged. The MLM texts drawn from a pool (the unlabelled corpus, or the train texts of
+``mlm_batch: independent``) are keyed the same way, by the batch slot that draws them: the k-th
+draw for example e in epoch t picks its text and masks it with a generator of (seed, "pool", e,
+k, t). So those draws are rank-distinct under torchrun (each rank holds other examples), a run
+resumed mid-epoch draws what the uninterrupted run drew, and N processes draw the texts one
+process draws. Only features without an id (direct use of the collator) use the stream.
+
+Each training batch also carries its example ids (``EXAMPLE_ID``) and its masking counts
+(``MASKING_COUNTS``: content tokens, selected tokens, expected selections); the Trainer pops them
+in its training step (``l3m.trainer.TrainProgress``), so only batches that were trained on are
+counted, once, whatever the data loader prefetched or a resume skipped.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from l3m.masking.base import FLOAT_COLUMNS, INT_COLUMNS, MaskingStrategy
 
 _TOKENIZER_KEYS = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")
 EXAMPLE_ID = "example_id"
+MASKING_COUNTS = "masking_counts"
 
 
 @dataclass
@@ -48,10 +59,15 @@ class Draws:
     words: torch.Tensor
 
 
-def example_seed(seed: int, example_id: int, epoch: int) -> int:
+def example_seed(seed: int, example_id: int | str, epoch: int) -> int:
     """A 63-bit generator seed for one example's masking in one epoch under a run seed."""
     digest = hashlib.blake2b(f"{seed}:{example_id}:{epoch}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & ((1 << 63) - 1)
+
+
+def pool_slot(example_id: int, k: int) -> str:
+    """The key of the k-th pool text drawn beside example ``example_id`` (its pick and its masks)."""
+    return f"pool:{example_id}:{k}"
 
 
 @dataclass
@@ -160,15 +176,18 @@ class MaskingCollator:
         for key in ("label", "labels"):
             if key in features[0]:
                 batch["labels"] = torch.as_tensor([f[key] for f in features], dtype=torch.long)
+        ids = [f.get(EXAMPLE_ID) for f in features]
+        if all(i is not None for i in ids):
+            batch[EXAMPLE_ID] = torch.as_tensor(ids, dtype=torch.long)
         if not self.strategy.uses_mlm:
             return batch
+        keys: list[int | str | None] = list(ids)
         if self.mlm_pool is not None and len(self.mlm_pool) > 0:
             # MLM on the batch's texts plus as many texts drawn (seeded) from the unlabelled
             # in-domain corpus; that batch is padded on its own.
-            k = self.pool_per_batch or len(features)
-            picks = torch.randint(len(self.mlm_pool), (k,), generator=self.generator).tolist()
-            drawn = [self.mlm_pool[i] for i in picks]
+            drawn, slots = self._draw_pool(ids)
             features = drawn if self.independent_mlm else list(features) + drawn
+            keys = slots if self.independent_mlm else keys + slots
             mlm_batch, view = self._pad(features)
             batch["mlm_attention_mask"] = mlm_batch["attention_mask"]
             if "token_type_ids" in mlm_batch:
@@ -176,28 +195,43 @@ class MaskingCollator:
         special = view["special_tokens_mask"]
         probs = self.strategy.selection_probs(view).float().masked_fill(special, 0.0)
         word_ids = view.get("word_ids") if self.strategy.whole_word else None
-        draws = self._keyed_draws(features, view["attention_mask"]) if self.seed is not None else None
+        draws = self._keyed_draws(keys, view["attention_mask"]) if self.seed is not None else None
         batch["mlm_input_ids"], batch["mlm_labels"] = self.mask_tokens(view["input_ids"].clone(), probs, word_ids, draws)
-        self.stats.content_tokens += int((~special).sum())
-        self.stats.selected_tokens += int((batch["mlm_labels"] != -100).sum())
-        self.stats.expected_selected += float(probs.sum())
+        counts = (int((~special).sum()), int((batch["mlm_labels"] != -100).sum()), float(probs.sum()))
+        self.stats.content_tokens += counts[0]
+        self.stats.selected_tokens += counts[1]
+        self.stats.expected_selected += counts[2]
+        batch[MASKING_COUNTS] = torch.tensor(counts, dtype=torch.float64)
         return batch
 
-    def _keyed_draws(self, features: Sequence[dict[str, Any]], attention: torch.Tensor) -> Draws | None:
-        """Per-example keyed draws when the batch's examples carry ids (see the module docstring);
-        rows beyond the features (pool texts) and rows without an id draw from the stream."""
-        if not any(EXAMPLE_ID in f for f in features):
+    def _draw_pool(self, ids: list[Any]) -> tuple[list[dict[str, Any]], list[int | str | None]]:
+        """The pool texts of one batch and their draw keys: keyed by batch slot when every example
+        has an id (the module docstring), else from the stream (keys None)."""
+        assert self.mlm_pool is not None
+        k, n = self.pool_per_batch or len(ids), len(self.mlm_pool)
+        if self.seed is None or any(i is None for i in ids):
+            picks = torch.randint(n, (k,), generator=self.generator).tolist()
+            return [self.mlm_pool[i] for i in picks], [None] * k
+        slots: list[int | str | None] = [pool_slot(int(ids[j % len(ids)]), j // len(ids)) for j in range(k)]
+        # The pick has a key of its own: its masks are drawn from a generator of the slot's key.
+        picks = [int(torch.randint(n, (1,), generator=self._keyed(f"{s}:pick")).item()) for s in slots]
+        return [self.mlm_pool[i] for i in picks], slots
+
+    def _keyed(self, key: int | str) -> torch.Generator:
+        return torch.Generator().manual_seed(example_seed(int(self.seed or 0), key, self.epoch))
+
+    def _keyed_draws(self, keys: Sequence[int | str | None], attention: torch.Tensor) -> Draws | None:
+        """Keyed draws per row when the batch's rows carry keys (example ids, pool slots: see the
+        module docstring); rows without a key draw from the stream."""
+        if all(k is None for k in keys):
             return None
         shape, vocab = attention.shape, len(self.tokenizer)
         # 1.0 never falls below a probability: padding is never selected whatever its draw.
         select, replace, randomise = (torch.ones(shape) for _ in range(3))
         words = torch.zeros(shape, dtype=torch.long)
         for i in range(shape[0]):
-            ex = features[i].get(EXAMPLE_ID) if i < len(features) else None
-            if ex is None:
-                g = self.generator
-            else:
-                g = torch.Generator().manual_seed(example_seed(int(self.seed or 0), int(ex), self.epoch))
+            key = keys[i] if i < len(keys) else None
+            g = self.generator if key is None else self._keyed(key)
             pos = attention[i].nonzero().squeeze(1)  # the row's tokens, wherever the padding is
             for t in (select, replace, randomise):
                 t[i, pos] = torch.rand(len(pos), generator=g)
