@@ -200,3 +200,33 @@ def test_a_hub_id_is_keyed_by_the_commit_its_revision_resolves_to(tmp_path: Path
     assert key("a" * 40) == first  # the commit pinned explicitly: the same model as before
     (refs / "main").unlink()
     assert key() not in (first, key("b" * 40))  # not cached, offline: "unresolved", its own key
+
+
+def test_scoring_code_is_pinned_with_the_scoring_version():
+    """A change to the scoring modules fails here until SCORING_VERSION is bumped (scores differ) or
+    the digest re-pinned (they do not): the message says how."""
+    from l3m.scoring.keys import scoring_code_drift
+
+    drift = scoring_code_drift()
+    assert drift is None, drift
+
+
+def test_the_score_key_carries_the_scoring_version_and_the_digest_sees_code_only(tiny: Path, tmp_path: Path,
+                                                                                  monkeypatch):
+    import l3m.scoring.keys as keys
+
+    before = scorer_key(str(tiny), None, "within_word_l2r", 128)
+    assert scorer_key(str(tiny), None, "within_word_l2r", 128) == before
+    monkeypatch.setattr(keys, "SCORING_VERSION", keys.SCORING_VERSION + 1)
+    assert scorer_key(str(tiny), None, "within_word_l2r", 128) != before  # stored scores recompute
+    root = tmp_path / "scoring"
+    shutil.copytree(Path(keys.__file__).parent, root)
+    assert keys.scoring_code_drift(root) is not None  # the bumped version is not the pinned one
+    monkeypatch.setattr(keys, "SCORING_VERSION", keys.SCORING_CODE["version"])
+    assert keys.scoring_code_drift(root) is None
+    plans = root / "plans.py"
+    text = plans.read_text()
+    plans.write_text(text.replace('"""Word ids from', '"""Reworded: word ids from', 1) + "\n# a comment\n")
+    assert keys.scoring_code_drift(root) is None
+    plans.write_text(text.replace("if word < 0 or", "if word <= 0 or", 1))
+    assert "bump SCORING_VERSION" in (keys.scoring_code_drift(root) or "")

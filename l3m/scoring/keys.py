@@ -33,6 +33,13 @@ TOKENIZER_PATTERNS = (
     "*.tiktoken",
 )
 _CHUNK = 1 << 20
+# Part of every score key: bumped when the scoring code computes different scores for the same
+# model, text and settings (stored scores then recompute). SCORING_CODE pins the code the version
+# was set against; tests/test_scoring_store.py fails on any change to these modules until it is
+# pinned again (``scoring_code_drift`` says how).
+SCORING_VERSION = 1
+SCORING_CODE = {"version": 1, "digest": "b6f1dc467d0b82cbd9029fa7029187f69781ac5dd51e32a7021b2b6c6d0eac12"}
+SCORING_MODULES = ("plans.py", "engine.py", "packed.py", "generic.py", "heads.py", "onednn.py")
 
 
 @lru_cache(maxsize=64)
@@ -105,13 +112,26 @@ def scorer_key(
     """``<model>.<metric>.L<max_length>.<mode>[k<stride>].<hash16>``, e.g.
     ``minilm-l6-mlm.within_word_l2r.L128.exact.3f0c...``. Safe as a directory name."""
     fp = model_fingerprint(str(model_path_or_name), revision)
-    spec = {"model": fp, "metric": metric, "max_length": int(max_length), "mode": mode}
+    spec = {"model": fp, "metric": metric, "max_length": int(max_length), "mode": mode, "code": SCORING_VERSION}
     if mode == "strided":
         spec["stride"] = int(stride)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_\-]+", "-", Path(str(model_path_or_name).rstrip("/")).name)[:40]
     mode_tag = f"strided{int(stride)}" if mode == "strided" else mode
     return f"{name}.{metric}.L{int(max_length)}.{mode_tag}.{digest}"
+
+
+def scoring_code_drift(root: Path | None = None) -> str | None:
+    """None when the scoring modules are the code SCORING_VERSION was pinned against, else what to do."""
+    from l3m.identity import code_digest
+
+    now = {"version": SCORING_VERSION, "digest": code_digest(root or Path(__file__).parent, SCORING_MODULES)}
+    if now == SCORING_CODE:
+        return None
+    return (f"the scoring code ({', '.join(SCORING_MODULES)} under l3m/scoring/) is not the code SCORING_VERSION "
+            f"{SCORING_CODE['version']} was pinned against. If the change alters any score (masks, word boundaries, "
+            "batching that is not exact, the head), bump SCORING_VERSION in l3m/scoring/keys.py with a line saying "
+            f"why (stored scores then recompute); then set SCORING_CODE = {now}.")
 
 
 def item_key(scorer: str, text: str, text_pair: str | None) -> str:
