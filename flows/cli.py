@@ -147,13 +147,17 @@ def models_register(
     margin: Annotated[float, typer.Option(help="promotion margin")] = 0.0,
     snapshot: Annotated[Path | None, typer.Option(help="validated data snapshot: score both models on its dev split")]
     = None,
+    confidence: Annotated[float, typer.Option(help="level of the paired bootstrap interval (0-1, exclusive)")] = 0.95,
 ) -> None:
-    """Register a trained model directory; promote it if it beats the majority baseline and production."""
+    """Register a trained model directory; promote it if it beats the majority baseline and production
+    (on a snapshot: with a paired bootstrap interval over the dev examples above the bar)."""
     try:
+        if not 0 < confidence < 1:
+            raise _registry().RegistryError(f"--confidence {confidence:g}: must lie strictly between 0 and 1")
         from flows.register import eval_set_from_snapshot
 
         dev = eval_set_from_snapshot(snapshot) if snapshot else None
-        _echo(_registry().register(model_dir, promote_margin=margin, dev=dev).to_dict())
+        _echo(_registry().register(model_dir, promote_margin=margin, dev=dev, confidence=confidence).to_dict())
     except _registry().RegistryError as e:
         _fail(e)
 
@@ -184,8 +188,8 @@ def models_build(tag: Annotated[str | None, typer.Argument(help="default: the do
 @models.command("promote")
 def models_promote(tag: str, force: Annotated[bool, typer.Option(help="skip the metric rule")] = False,
                    margin: float = 0.0) -> None:
-    """Make a version production if it beats the majority baseline and production's dev metric on the
-    same data (+ margin), or --force."""
+    """Make a version production if, by the intervals recorded at its registration, it beats the
+    majority baseline and production on the same data (+ margin) and was compared fairly, or --force."""
     try:
         _echo(_registry().promote(tag, force=force, margin=margin).to_dict())
     except _registry().RegistryError as e:

@@ -11,9 +11,10 @@ run's model directory. Every step is therefore resumable and honest about reuse:
 * each planned run writes ``run.json`` when finished and checkpoints while it trains, in a
   directory named by its identity: a rerun reuses or resumes exactly the runs whose settings,
   data and scores are unchanged, and trains the others;
-* registration is cached on the chosen model's l3m.json, the margin, the store and the dev
-  snapshot (``flows.register``), so a rerun does not add a version; only a production model
-  is packaged, once per model version.
+* registration is cached on the chosen model's l3m.json, the margin and confidence, the store
+  and the dev snapshot (``flows.register``), so a rerun does not add a version, and reports the
+  version's stage now (a promote or rollback since is not hidden by the cache); only a
+  production model is packaged, once per model version and serving code.
 
 The steps are the same flows/tasks users run alone (``l3m validate|score|train``).
 """
@@ -61,7 +62,8 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
     chosen = best_run(trained["runs"], cfg.domain.metric)
     log.info("best dev %s: %s/%s seed %s -> %s", cfg.domain.metric, chosen["strategy"], chosen["tuner"],
              chosen["seed"], chosen["model_dir"])
-    registered = register_once(chosen["model_dir"], cfg.registry.promote_margin, snapshot_dir=snapshot)
+    registered = register_once(chosen["model_dir"], cfg.registry.promote_margin, snapshot_dir=snapshot,
+                               confidence=cfg.registry.promote_confidence)
     bento = build_bento_task(registered) if cfg.registry.build_bento else {"tag": None, "status": "not built (disabled)"}
 
     experiment = json.loads(Path(trained["results"]["json"]).read_text())

@@ -6,8 +6,9 @@ the validated data snapshot's dev split (``snapshot_dir``), returns the small
 ``RegisterResult`` dict, logs the decision and publishes it as a Markdown artifact, so a
 refused or held-back promotion is visible in the Prefect UI.
 
-Also here, for the pipeline: the registration cache (:func:`register_once`) and the bento
-build (:func:`build_bento_task`, production models only, one bento per model version).
+Also here, for the pipeline: the registration cache (:func:`register_once`, whose result always
+reports the version's stage now, from the ledger) and the bento build (:func:`build_bento_task`,
+production models only, one bento per model version and build inputs).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def eval_set_from_snapshot(snapshot_dir: str | Path) -> EvalSet:
         fingerprint=str(manifest["fingerprint"]),
         majority_label=str(manifest["majority_label"]),
         label_names=[str(n) for n in manifest["label_names"]],
+        carved=manifest.get("split_status", {}).get("dev") == "carved",
     )
 
 
@@ -84,20 +86,24 @@ def registered_lines(res: dict[str, Any]) -> str:
         return "—" if x is None else f"{x:.4f}"
 
     warning = f"> **Warning:** {res['warning']}\n\n" if res.get("warning") else ""
+    evidence = "".join(f"- paired bootstrap vs {e['against']}: {e['diff']:+.2f} points, "
+                       f"{100 * e['level']:g}% CI [{e['ci_low']:+.2f}, {e['ci_high']:+.2f}]\n"
+                       for e in (res.get("evidence") or {}).values())
     return (
         f"{warning}- stage: `{res['stage']}`; decision: {res['reason']}\n"
         f"- dev {res['metric']} ({res.get('evaluated_on', 'stored')}): {num(res['dev_score'])}; "
         f"majority-class baseline: {num(res.get('baseline'))}; "
         f"production {res.get('compared_with') or '—'}: {num(res.get('production_dev_score'))}\n"
         f"- dev data fingerprint: {res.get('data_fingerprint') or '—'}; "
-        f"previous production: {res['previous_production'] or '—'}\n"
+        f"previous production: {res['previous_production'] or '—'}\n{evidence}"
     )
 
 
 @task(name="register-model", cache_policy=NONE)
-def register_task(model_dir: str, promote_margin: float = 0.0, snapshot_dir: str | None = None) -> dict[str, Any]:
+def register_task(model_dir: str, promote_margin: float = 0.0, snapshot_dir: str | None = None,
+                  confidence: float = 0.95) -> dict[str, Any]:
     dev = eval_set_from_snapshot(snapshot_dir) if snapshot_dir else None
-    res = registry.register(Path(model_dir), promote_margin=promote_margin, dev=dev)
+    res = registry.register(Path(model_dir), promote_margin=promote_margin, dev=dev, confidence=confidence)
     log = get_run_logger()
     log.info("registered %s as %s: %s", res.tag, res.stage, res.reason)
     if res.warning:
@@ -109,15 +115,16 @@ def register_task(model_dir: str, promote_margin: float = 0.0, snapshot_dir: str
 
 
 @flow(name="register")
-def register(model_dir: str, promote_margin: float = 0.0, snapshot_dir: str | None = None) -> dict[str, Any]:
+def register(model_dir: str, promote_margin: float = 0.0, snapshot_dir: str | None = None,
+             confidence: float = 0.95) -> dict[str, Any]:
     """Register ``model_dir`` (a trained model directory) as ``l3m-<domain>`` and maybe promote it.
 
     ``promote_margin`` is the config's ``registry.promote_margin``: how much the dev metric must
     exceed the current production's for the new version to replace it. ``snapshot_dir``: a
     validated data snapshot whose dev split both models are scored on (without it, the stored
-    dev numbers are compared).
+    dev numbers are compared). ``confidence``: the paired bootstrap interval's level.
     """
-    return register_task(model_dir, promote_margin, snapshot_dir)
+    return register_task(model_dir, promote_margin, snapshot_dir, confidence)
 
 
 # ----------------------------------------------------------------- pipeline: cached registration
@@ -128,13 +135,16 @@ def _sha(data: bytes) -> str:
 
 
 def register_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Everything a registration depends on: the model's l3m.json bytes, the margin, the store
-    (BENTOML_HOME), the dev snapshot's fingerprint and the registration code."""
+    """Everything a registration depends on: the model's l3m.json bytes, the margin and
+    confidence, the store (BENTOML_HOME), the dev snapshot's fingerprint and the registration
+    code. Not the ledger: promote/rollback since then change the stage, which
+    :func:`register_once` reads afresh after a cache hit, not the registration itself."""
     meta = Path(parameters["model_dir"]) / "l3m.json"
     snapshot = parameters.get("snapshot_dir")
     parts = {
         "l3m.json": _sha(meta.read_bytes()) if meta.exists() else "missing",
         "margin": float(parameters.get("promote_margin", 0.0)),
+        "confidence": float(parameters.get("confidence", 0.95)),
         "store": str(registry.registry_home().resolve()),
         "dev": read_manifest(snapshot)["fingerprint"] if snapshot else None,
         "code": _sha(b"".join((ROOT / f).read_bytes() for f in REGISTER_CODE)),
@@ -147,11 +157,14 @@ register_cached = task(name="register-model (cached)", cache_key_fn=register_cac
                        result_serializer="json")(register_task.fn)
 
 
-def register_once(model_dir: str, promote_margin: float, snapshot_dir: str | None) -> dict[str, Any]:
-    """``register_cached``, re-run (cache refreshed) when the tag it cached was deleted from the store."""
+def register_once(model_dir: str, promote_margin: float, snapshot_dir: str | None,
+                  confidence: float = 0.95) -> dict[str, Any]:
+    """``register_cached``, re-run (cache refreshed) when the tag it cached was deleted from the
+    store; the result's stage is the version's stage now (:func:`with_current_stage`)."""
     from prefect.results import get_result_store
 
-    params = {"model_dir": model_dir, "promote_margin": promote_margin, "snapshot_dir": snapshot_dir}
+    params = {"model_dir": model_dir, "promote_margin": promote_margin, "snapshot_dir": snapshot_dir,
+              "confidence": confidence}
     key = register_cache_key(None, params)
     # Workers sharing this store register one at a time, so a second pipeline that chose the same
     # model finds the first one's cached registration instead of storing the model again.
@@ -160,7 +173,21 @@ def register_once(model_dir: str, promote_margin: float, snapshot_dir: str | Non
         stale = store.exists(key) and not registry.has_model(store.read(key).result["tag"])
         if stale:
             get_run_logger().info("cached registration's model is gone from the store: registering again")
-        return register_cached.with_options(refresh_cache=stale)(model_dir, promote_margin, snapshot_dir)
+        result = register_cached.with_options(refresh_cache=stale)(model_dir, promote_margin, snapshot_dir,
+                                                                   confidence)
+        return with_current_stage(result)
+
+
+def with_current_stage(result: dict[str, Any]) -> dict[str, Any]:
+    """A (possibly cached) registration result with the version's stage now: after ``models
+    promote`` / ``rollback`` a rerun reports, and packages, what the ledger says, not the stage
+    decided at registration (which stays in ``stage_at_registration``)."""
+    stage, reason = registry.current_stage(result["tag"])
+    if stage == result["stage"]:
+        return result
+    get_run_logger().info("%s was registered as %s and is %s now: %s", result["tag"], result["stage"], stage, reason)
+    return result | {"stage": stage, "stage_at_registration": result["stage"],
+                     "reason": f"{stage} now ({reason}); at registration {result['stage']}: {result['reason']}"}
 
 
 # ----------------------------------------------------------------- pipeline: the bento
@@ -189,10 +216,31 @@ def _bentofile_for(model_tag: str, out_dir: Path) -> Path:
     return path
 
 
+def bento_inputs_digest() -> str:
+    """What a bento is built from besides the model: the bentofile (its package pins included),
+    every file it includes (the serving code), and the BentoML version that builds it."""
+    from importlib.metadata import version
+
+    spec = yaml.safe_load(BENTOFILE.read_text(encoding="utf-8"))
+    h = hashlib.sha256(BENTOFILE.read_bytes())
+    for pattern in sorted(spec.get("include", [])):
+        for f in sorted(ROOT.glob(pattern)):
+            h.update(str(f.relative_to(ROOT)).encode())
+            h.update(f.read_bytes())
+    h.update(version("bentoml").encode())
+    return h.hexdigest()[:10]
+
+
+def bento_tag(model_tag: str) -> str:
+    """``l3m-<domain>:<model version>-<build inputs digest>``: a change to the serving code, the
+    bentofile or its pins makes a new bento of the same model; nothing else does."""
+    return f"{model_tag}-{bento_inputs_digest()}"
+
+
 def build_bento(model_tag: str) -> tuple[str, bool]:
-    """(bento tag, built now?): bento ``l3m-<domain>:<model version>`` packaging ``model_tag``;
-    nothing is built when that bento already exists."""
-    tag = model_tag  # same name and version as the model: one bento per model version
+    """(bento tag, built now?): bento :func:`bento_tag` packaging ``model_tag``; nothing is built
+    when that bento already exists."""
+    tag = bento_tag(model_tag)
     with registration_lock(registry.registry_home()):  # two workers never build the same bento
         if bento_exists(tag):
             return tag, False
@@ -217,12 +265,14 @@ def _build(model_tag: str, tag: str) -> str:
 
 @task(name="build-bento", cache_policy=NONE, retries=1)
 def build_bento_task(registered: dict[str, Any]) -> dict[str, Any]:
-    """The domain's production model as a bento; a candidate that was not promoted is not packaged."""
+    """The registered model as a bento if it is the domain's production now; any other stage
+    (a candidate, or a version rolled back or superseded since) is not packaged, and neither is
+    another version in its place."""
     if registered["stage"] != registry.PRODUCTION:
         return {"tag": None, "status": f"not built ({registered['stage']})"}
     production = registry.production_tag(registered["domain"])
-    if production is None:
-        raise RegistryError(f"domain {registered['domain']!r} has no production model to package")
-    tag, built = build_bento(production)
+    if production != registered["tag"]:
+        return {"tag": None, "status": f"not built ({registered['tag']} is not production now: {production} is)"}
+    tag, built = build_bento(registered["tag"])
     get_run_logger().info("%s bento %s", "built" if built else "reused existing", tag)
     return {"tag": tag, "status": "built" if built else "exists (nothing changed)"}

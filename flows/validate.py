@@ -2,7 +2,9 @@
 
 Data that passes becomes the validated snapshot (``l3m.data.snapshot``) every later step reads.
 The snapshot is content-addressed (raw file bytes + domain config + data code), so an unchanged
-rerun finds it and skips validation; changed data or settings validate anew.
+rerun finds it and skips validation; changed data or settings validate anew. The report is
+addressed the same way (``validation/<snapshot name>/``), so a skipped validation links the
+report of its own snapshot, never the last one written (which may be another run's failure).
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from l3m.data.snapshot import find_snapshot, read_manifest, snapshot_dir, write_
 from l3m.data.validation import DataValidationError, ValidationReport, validate_domain
 
 
+def report_dir(cfg: RunConfig) -> Path:
+    """Where the validation report of ``cfg``'s data goes: named like its snapshot (which exists
+    only if the data passed), so every version of the data keeps its own report."""
+    return cfg.resolved_output_dir() / "validation" / snapshot_dir(cfg).name
+
+
 def validate_and_report(cfg: RunConfig) -> tuple[ValidationReport, dict[str, Path]]:
     """Read, validate and write the report files; if the data passes, write its snapshot too.
 
@@ -30,7 +38,7 @@ def validate_and_report(cfg: RunConfig) -> tuple[ValidationReport, dict[str, Pat
     raw = read_raw(cfg.domain)  # DataError (missing file, bad line, wrong field) fails here, clearly
     prepared = prepare(cfg.domain, raw)
     report = validate_domain(cfg.domain, raw, prepared)
-    paths = write_report(report, cfg.resolved_output_dir() / "validation")
+    paths = write_report(report, report_dir(cfg))
     if report.passed:
         summary = {"passed": True, "warnings": len(report.warnings), "report": str(paths["json"]),
                    "row_counts": report.row_counts, "split_status": report.split_status,

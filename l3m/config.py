@@ -269,7 +269,12 @@ class WeightingSpec(Strict):
 
 
 class RegistrySpec(Strict):
+    """Promotion (serving.promotion): the challenger must beat the majority-class baseline, and the
+    current production by ``promote_margin`` (metric units), with a paired bootstrap interval at
+    ``promote_confidence`` over the dev examples that lies above the bar."""
+
     promote_margin: float = 0.0
+    promote_confidence: float = Field(0.95, gt=0, lt=1)
     build_bento: bool = False
 
 

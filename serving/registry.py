@@ -7,10 +7,11 @@ current stage and the promotion history are kept in the ledger (``serving.ledger
 is what :func:`list_models`, :func:`show` and :func:`production_tag` report.
 
 Promotion rule (``serving.promotion``): a version becomes ``production`` for its domain only if
-it beats the majority-class baseline and its dev metric is at least the current production's
-plus a margin, both measured on the same dev data (the snapshot given to :func:`register`, on
-which production is re-scored); otherwise it stays ``candidate`` and the reason (and for a
-degenerate model, a warning) is recorded. :func:`rollback` restores the previous production.
+it beats the majority-class baseline and the current production plus a margin, both on the same
+dev data (the snapshot given to :func:`register`, on which production is re-scored) and with a
+paired bootstrap interval over the dev examples that lies above the bar; otherwise it stays
+``candidate`` and the reason, the intervals (and for a model held back, a warning) are recorded.
+:func:`rollback` restores the previous production.
 
 ``BENTOML_HOME`` selects the store; it is re-read on every call (not cached the way BentoML's
 own container caches it) so the CLI, flows and tests can point at different stores.
@@ -26,7 +27,16 @@ from typing import Any
 
 from serving.ledger import add_event, domain_state, locked_ledger, now_iso, read_ledger
 from serving.model_io import ModelDirError, ModelMeta, RegistryError, check_model_dir, load_classifier
-from serving.promotion import EvalSet, Scores, decide, gather_scores, stored_baseline
+from serving.promotion import (
+    EvalSet,
+    Production,
+    Scores,
+    decide,
+    gather_scores,
+    ledger_fields,
+    ledger_scores,
+    stored_baseline,
+)
 
 __all__ = [
     "EvalSet",
@@ -73,6 +83,7 @@ class RegisterResult:
     data_fingerprint: str | None = None
     evaluated_on: str = "stored"
     warning: str | None = None
+    evidence: dict[str, Any] | None = None  # the paired intervals vs baseline / production (points)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,17 +142,20 @@ def _metadata(meta: ModelMeta) -> dict[str, Any]:
     return _clean(meta.raw | {"strategy_kind": meta.strategy, "tuner_kind": meta.tuner, "metric": meta.metric})
 
 
-def _scores(ledger: dict[str, Any], meta: ModelMeta, src: Path, dev: EvalSet | None) -> tuple[Scores, str]:
+def _scores(ledger: dict[str, Any], meta: ModelMeta, src: Path, dev: EvalSet | None,
+            confidence: float) -> tuple[Scores, str]:
     """``gather_scores`` against the domain's production; one deleted from the store counts as none."""
     current = domain_state(ledger, meta.domain)["production"]
     if current is None:
-        return gather_scores(meta, src, dev, None)
+        return gather_scores(meta, src, dev, None, confidence)
     try:
         model = _get(current)
     except RegistryError:
-        scores, note = gather_scores(meta, src, dev, None)
+        scores, note = gather_scores(meta, src, dev, None, confidence)
         return scores, f"{note}; production {current} is no longer in the store"
-    return gather_scores(meta, src, dev, (current, Path(model.path), ModelMeta.from_dict(dict(model.info.metadata))))
+    production = Production(current, Path(model.path), ModelMeta.from_dict(dict(model.info.metadata)),
+                            ledger["models"].get(current, {}).get("dev_rows"))
+    return gather_scores(meta, src, dev, production, confidence)
 
 
 def _make_production(ledger: dict[str, Any], tag: str, domain: str, reason: str) -> str | None:
@@ -157,13 +171,15 @@ def _make_production(ledger: dict[str, Any], tag: str, domain: str, reason: str)
 
 
 def register(
-    model_dir: str | os.PathLike[str], *, promote_margin: float = 0.0, dev: EvalSet | None = None
+    model_dir: str | os.PathLike[str], *, promote_margin: float = 0.0, dev: EvalSet | None = None,
+    confidence: float = 0.95,
 ) -> RegisterResult:
     """Copy a trained model directory into the store and apply the promotion rule.
 
     With ``dev`` (the current dev snapshot) the challenger and the current production model are
-    both scored on it; without it (a manual ``l3m models register DIR``) their stored dev numbers
-    are compared, and only when they come from the same data fingerprint.
+    both scored on it and compared by paired bootstrap intervals at ``confidence``; without it
+    (a manual ``l3m models register DIR``) their stored dev numbers are compared as points, and
+    only when they come from the same data fingerprint.
     """
     import bentoml
 
@@ -172,7 +188,7 @@ def register(
     # Scoring happens under the ledger lock so production cannot change between being scored
     # and being compared with (a concurrent registration waits for this one).
     with locked_ledger(registry_home()) as ledger:
-        scores, note = _scores(ledger, meta, src, dev)
+        scores, note = _scores(ledger, meta, src, dev, confidence)
         promoted, reason, warning = decide(scores, promote_margin, note)
         stage = PRODUCTION if promoted else CANDIDATE
         labels = {"domain": meta.domain, "strategy": meta.strategy, "tuner": meta.tuner, "stage": stage}
@@ -191,17 +207,19 @@ def register(
             "dev_score": scores.challenger, "baseline": scores.baseline, "warning": warning,
             "compared_with": scores.production, "production_dev_score": scores.production_score,
             "data_fingerprint": scores.fingerprint, "evaluated_on": scores.source, "registered_at": now_iso(),
+            **ledger_fields(scores, meta, dev),
         }
         previous = _make_production(ledger, tag, meta.domain, reason) if promoted else None
         add_event(ledger, "register" if not promoted else "register+promote", tag, meta.domain, reason)
     return RegisterResult(tag, meta.domain, stage, promoted, reason, meta.metric, scores.challenger, previous,
                           scores.baseline, scores.production, scores.production_score, scores.fingerprint,
-                          scores.source, warning)
+                          scores.source, warning, ledger["models"][tag]["evidence"] or None)
 
 
 def promote(tag: str, force: bool = False, *, margin: float = 0.0) -> RegisterResult:
-    """Make ``tag`` production; refused (not raised) if it is degenerate or worse than
-    production on the same data, unless forced."""
+    """Make ``tag`` production; refused (not raised) unless forced when, by the numbers and
+    intervals recorded at its registration, it does not beat the baseline or production on the
+    same data, or was not compared fairly."""
     model = _get(tag)
     tag = str(model.tag)
     meta = ModelMeta.from_dict(dict(model.info.metadata))
@@ -213,10 +231,7 @@ def promote(tag: str, force: bool = False, *, margin: float = 0.0) -> RegisterRe
                                   entry.get("dev_score"), current)
         # Each version's ledger numbers were measured at its registration; comparable only
         # when measured on the same data (compare() checks the fingerprints).
-        cur = ledger["models"].get(current, {}) if current else {}
-        scores = Scores(meta.metric, entry.get("dev_score"), entry.get("baseline"), current,
-                        cur.get("dev_score") if cur.get("metric") == meta.metric else None,
-                        entry.get("data_fingerprint"), cur.get("data_fingerprint"), entry.get("evaluated_on", "stored"))
+        scores = ledger_scores(entry, current, ledger["models"].get(current, {}) if current else {})
         ok, reason, warning = decide(scores, margin)
         if not ok and force:
             ok, reason = True, f"forced: {reason}"
@@ -225,12 +240,12 @@ def promote(tag: str, force: bool = False, *, margin: float = 0.0) -> RegisterRe
             add_event(ledger, "promote-refused", tag, meta.domain, reason)
             return RegisterResult(tag, meta.domain, entry["stage"], False, reason, meta.metric,
                                   scores.challenger, current, scores.baseline, current, scores.production_score,
-                                  scores.fingerprint, scores.source, warning)
+                                  scores.fingerprint, scores.source, warning, entry.get("evidence") or None)
         previous = _make_production(ledger, tag, meta.domain, reason)
         add_event(ledger, "promote", tag, meta.domain, reason)
     return RegisterResult(tag, meta.domain, PRODUCTION, True, reason, meta.metric, scores.challenger, previous,
                           scores.baseline, current, scores.production_score, scores.fingerprint, scores.source,
-                          warning)
+                          warning, entry.get("evidence") or None)
 
 
 def rollback(domain: str) -> RegisterResult:
@@ -262,6 +277,13 @@ def rollback(domain: str) -> RegisterResult:
 def production_tag(domain: str) -> str | None:
     """The tag serving should load for ``domain``, or None if nothing was promoted yet."""
     return domain_state(read_ledger(registry_home()), domain)["production"]
+
+
+def current_stage(tag: str) -> tuple[str, str]:
+    """(stage, reason) of a registered version now: promote/rollback since its registration
+    changed them in the ledger, not in a result returned then."""
+    entry = read_ledger(registry_home())["models"].get(tag, {})
+    return entry.get("stage", CANDIDATE), entry.get("reason", "")
 
 
 def _entry_from_store(model: Any, meta: ModelMeta) -> dict[str, Any]:

@@ -79,3 +79,30 @@ def test_cli_validates_a_good_domain(toy_domain, tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["passed"] is True
+
+
+def test_a_skipped_validation_links_its_own_snapshots_report(prefect_harness, toy_domain, tmp_path):
+    from flows.common import as_config
+    from flows.validate import validate
+    from l3m.data.validation import DataValidationError
+
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump(toy_domain()))
+    test_file = toy_domain.root / "toy" / "test.jsonl"
+    good_bytes = test_file.read_bytes()
+    first = validate(str(config))
+    broken = _broken(toy_domain, tmp_path)
+    with pytest.raises(DataValidationError):  # another version of the data fails, and writes its report
+        validate(str(broken))
+    test_file.write_bytes(good_bytes)  # back to the validated data: validation is skipped
+    again = validate(str(config))
+    assert again["cached"] and again["snapshot"] == first["snapshot"]
+    assert json.loads(Path(again["report"]).read_text())["passed"] is True
+    assert Path(again["report"]).parent == Path(first["json"]).parent
+    assert Path(first["snapshot"]).name == Path(first["json"]).parent.name
+
+    from flows.validate import report_dir
+
+    failing = report_dir(as_config(broken, [])) / "validation.json"
+    assert json.loads(failing.read_text())["passed"] is False
+    assert failing.parent.parent == Path(first["json"]).parent.parent != failing.parent  # side by side

@@ -174,7 +174,7 @@ def test_cached_results_are_json_not_pickle(prefect_harness, tmp_path, tiny_dir,
 def test_rerun_with_nothing_changed_adds_no_version_and_no_bento(prefect_harness, tmp_path, tiny_dir, monkeypatch):
     from prefect import flow
 
-    from flows.register import build_bento_task, register_once
+    from flows.register import bento_tag, build_bento_task, register_once
     from serving import registry
 
     home = tmp_path / "bentoml"
@@ -188,7 +188,7 @@ def test_rerun_with_nothing_changed_adds_no_version_and_no_bento(prefect_harness
         return registered, build_bento_task(registered)
 
     registered, bento = register_and_package()
-    assert registered["stage"] == "production" and bento == {"tag": registered["tag"], "status": "built"}
+    assert registered["stage"] == "production" and bento == {"tag": bento_tag(registered["tag"]), "status": "built"}
     again, bento_again = register_and_package()
     assert again == registered and bento_again["status"] == "exists (nothing changed)"
     assert len(registry.list_models()) == 1
@@ -209,3 +209,65 @@ def test_cli_register_with_a_bad_snapshot_exits_2_naming_the_file(tmp_path, tiny
     assert ok.exit_code == 0, ok.output
     out = json.loads(ok.stdout[ok.stdout.index("{"):])  # stdout: transformers' progress bars go to stderr
     assert out["evaluated_on"] == "dev snapshot" and out["data_fingerprint"] == "snap-1"
+
+
+# ---------------------------------------------------------------- the stage now (issue #23) ---
+
+
+def test_rerun_after_promote_and_rollback_reports_the_true_stage(prefect_harness, tmp_path, tiny_dir, monkeypatch):
+    from prefect import flow
+
+    import flows.register as fr
+    from serving import registry
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    packaged: list[str] = []
+    monkeypatch.setattr(fr, "build_bento", lambda tag: (packaged.append(tag), (f"bento-of-{tag}", True))[1])
+    model = copy_with_dev(tiny_dir, tmp_path / "a", 0.5)
+
+    @flow
+    def rerun() -> tuple[dict, dict]:
+        registered = fr.register_once(str(model), 0.0, None)  # the pipeline's two lines
+        return registered, fr.build_bento_task(registered)
+
+    first, _ = rerun()
+    assert first["stage"] == "production" and packaged == [first["tag"]]
+    # Someone promotes a better version by hand: the unchanged rerun's model is archived now.
+    newer = registry.register(copy_with_dev(tiny_dir, tmp_path / "b", 0.6))
+    assert newer.promoted
+    again, bento = rerun()
+    assert again["tag"] == first["tag"] and again["stage"] == "archived"
+    assert again["stage_at_registration"] == "production" and "archived now" in again["reason"]
+    assert bento["tag"] is None and packaged == [first["tag"]]  # newer is not packaged in its place
+    registry.rollback("citation_intent")
+    back, bento = rerun()
+    assert back["stage"] == "production" and bento["tag"] == f"bento-of-{first['tag']}"
+    assert packaged == [first["tag"]] * 2 and len(registry.list_models()) == 2  # no version added
+
+
+def test_bento_tag_covers_serving_code_bentofile_and_pins(tmp_path, monkeypatch):
+    import shutil
+
+    import flows.register as fr
+
+    root = tmp_path / "repo"
+    shutil.copytree(fr.ROOT / "serving", root / "serving")
+    monkeypatch.setattr(fr, "ROOT", root)
+    monkeypatch.setattr(fr, "BENTOFILE", root / "serving" / "bentofile.yaml")
+    model = "l3m-citation_intent:abc123"
+    tag = fr.bento_tag(model)
+    assert tag.startswith(model + "-") and fr.bento_tag(model) == tag  # unchanged: the same bento
+    changed = {}
+    service = root / "serving" / "service.py"
+    service.write_text(service.read_text() + "\n# changed\n")
+    changed["serving code"] = fr.bento_tag(model)
+    bentofile = root / "serving" / "bentofile.yaml"
+    text = bentofile.read_text()
+    bentofile.write_text(text.replace("torch==2.13.0", "torch==2.13.1"))
+    changed["pins"] = fr.bento_tag(model)
+    bentofile.write_text(text.replace("TOKENIZERS_PARALLELISM", "TOKENIZERS_PARALLELISM_X"))
+    changed["bentofile"] = fr.bento_tag(model)
+    (root / "serving" / "unrelated.txt").write_text("not packaged")  # not in the bentofile's include
+    changed["unrelated"] = fr.bento_tag(model)
+    assert changed.pop("unrelated") == changed["bentofile"]
+    assert len({tag, *changed.values()}) == 4, changed

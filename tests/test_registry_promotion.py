@@ -1,7 +1,9 @@
-"""Promotion on a dev snapshot: majority-class baseline, fair re-scoring of production, label sets.
+"""Promotion on a dev snapshot: majority-class baseline, fair re-scoring of production, label sets,
+evidence (paired bootstrap intervals over the dev examples).
 
 The models here predict one fixed class for every input (the classifier's weights zeroed, its
-bias one-hot), so each model's score on a given dev set is known exactly.
+bias one-hot), so each model's score on a given dev set is known exactly; ``k_row_model``
+predicts a second class on exactly k chosen dev texts.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ def dev_set(gold: list[str], majority: str, fingerprint: str = "snap-1") -> Eval
                    fingerprint=fingerprint, majority_label=majority, label_names=label_names())
 
 
-# 8 Background, 2 Uses. Predicting Background for all: F1 16/18 on Background, 0 on Uses,
-# macro over the 2 labels present = 0.4444; predicting Uses: F1 4/12 / 2 = 0.1667.
-GOLD = ["Background"] * 8 + ["Uses"] * 2
-ALL_BACKGROUND = 8 / 18
-ALL_USES = 1 / 6
+# 40 Background, 10 Uses. Predicting Background for all: F1 80/90 on Background, 0 on the other
+# labels, macro over the model's whole label set (K labels) = 80/90/K; predicting Uses: 20/60/K.
+# 50 rows: enough that a constant model's clear win has an interval above 0.
+K = len(label_names())
+GOLD = ["Background"] * 40 + ["Uses"] * 10
+ALL_BACKGROUND = 80 / 90 / K
+ALL_USES = 20 / 60 / K
 
 
 def test_model_predicting_one_class_is_held_back_with_a_warning(home, tiny_dir, tmp_path):  # noqa: F811
@@ -97,7 +101,7 @@ def test_rescored_production_can_win_where_stored_numbers_would_not(home, tiny_d
     prod = registry.register(constant_model(tiny_dir, tmp_path / "p", "Background", stored_dev=0.2))
     challenger = constant_model(tiny_dir, tmp_path / "c", "Uses", stored_dev=0.8)
     # The train majority is Future, which neither model predicts.
-    gold = ["Uses"] * 3 + ["Background"] * 6 + ["Future"] * 1
+    gold = ["Uses"] * 15 + ["Background"] * 30 + ["Future"] * 5
     res = registry.register(challenger, dev=dev_set(gold, majority="Future"))
     assert not res.promoted and "below the bar" in res.reason
     assert res.production_dev_score > res.dev_score > res.baseline
@@ -143,3 +147,140 @@ def test_without_snapshot_a_score_at_the_single_class_bar_is_held_back(home, tin
     (weak / "l3m.json").write_text(json.dumps(meta))
     res = registry.register(weak)
     assert not res.promoted and res.warning and res.baseline == pytest.approx(18 / 19 / 2)
+
+
+# ---------------------------------------------------------------- evidence, not noise (issue #23)
+
+
+def k_row_model(src: Path, out: Path, texts: list[str], k: int, majority: str, other: str) -> tuple[Path, list[int]]:
+    """A copy of ``src`` predicting ``majority`` for every text but the ``k`` of ``texts`` whose
+    pooled output projects furthest on a fixed direction, for which it predicts ``other``.
+    Returns the directory and those k indices."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(src)).eval()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    with torch.no_grad():
+        # A random tiny model's [CLS] states differ little between texts (std ~1e-3): the pooler
+        # is set to spread them (tanh of the standardised state), and the classifier reads them
+        # along where the first text departs from the mean, which sets a few texts clearly apart.
+        cls = torch.stack([model.bert(**tok(t, return_tensors="pt")).last_hidden_state[0, 0] for t in texts])
+        gain = 0.5 / float(cls.std(0).mean())
+        model.bert.pooler.dense.weight.copy_(gain * torch.eye(cls.shape[1]))
+        model.bert.pooler.dense.bias.copy_(-gain * cls.mean(0))
+        pooled = torch.stack([model.bert(**tok(t, return_tensors="pt")).pooler_output[0] for t in texts])
+        direction = pooled[0] - pooled.mean(0)
+        direction /= direction.norm()
+        proj = pooled @ direction
+        order = proj.argsort(descending=True)
+        top, nxt = proj[order[k - 1]], proj[order[k]]
+        assert top - nxt > 1e-4, "no clear cut between the k-th and the next text"
+        scale = 100.0 / float(top - nxt)  # logits +-50 around the cut: float noise cannot cross it
+        names = label_names()
+        weight = torch.zeros_like(model.classifier.weight)
+        weight[names.index(other)] = scale * direction
+        bias = torch.tensor([0.0 if n == majority else -1e4 for n in names])
+        bias[names.index(other)] = -scale * float(top + nxt) / 2
+        model.classifier.weight.copy_(weight)
+        model.classifier.bias.copy_(bias)
+    copy_with_dev(src, out, 0.5)
+    model.save_pretrained(str(out))
+    return out, sorted(int(i) for i in order[:k])
+
+
+def near_majority(src: Path, out: Path, k: int, n: int = 60) -> tuple[Path, EvalSet]:
+    """A dev set of n rows (train majority Background; 6 Uses among them) and a model that
+    predicts Background everywhere except k rows, all of them gold Uses (so it is right there)."""
+    texts = [f"citation text number {i} ( Smith , {1990 + i} )" for i in range(n)]
+    path, rows = k_row_model(src, out, texts, k, "Background", "Uses")
+    uses = rows + [i for i in range(n) if i not in rows][: 6 - k]
+    gold = ["Uses" if i in uses else "Background" for i in range(n)]
+    return path, EvalSet(texts=texts, pairs=None, gold=gold, fingerprint="snap-1", majority_label="Background",
+                         label_names=label_names())
+
+
+def test_a_model_differing_from_the_majority_on_one_dev_row_is_a_candidate_with_a_warning(
+        home, tiny_dir, tmp_path):  # noqa: F811
+    model, dev = near_majority(tiny_dir, tmp_path / "near", k=1)
+    res = registry.register(model, dev=dev)
+    # A point comparison would promote it: it is right on one more row than the baseline.
+    assert res.dev_score > res.baseline
+    assert res.stage == "candidate" and not res.promoted and registry.production_tag(DOMAIN) is None
+    assert res.warning and "does not beat the majority-class baseline" in res.warning and "CI [" in res.warning
+    vs_base = res.evidence["baseline"]
+    assert vs_base["level"] == 0.95 and vs_base["n_examples"] == 60 and vs_base["diff"] > 0
+    assert vs_base["ci_low"] <= 0 < vs_base["ci_high"]
+    entry = json.loads((home / "l3m-registry.json").read_text())["models"][res.tag]
+    assert entry["evidence"]["baseline"] == vs_base and entry["warning"] == res.warning
+    assert not registry.promote(res.tag).promoted  # the recorded interval decides a manual promotion too
+    assert registry.promote(res.tag, force=True).promoted
+
+
+def test_confidence_is_configurable(home, tiny_dir, tmp_path):  # noqa: F811
+    # Right on 2 more rows than the baseline: both are missing from about 13% of resamples
+    # ((58/60)^60), where the difference is 0: the 95% interval reaches 0, the 50% one does not.
+    model, dev = near_majority(tiny_dir, tmp_path / "near2", k=2)
+    strict = registry.register(model, dev=dev)
+    assert not strict.promoted and strict.evidence["baseline"]["ci_low"] <= 0
+    loose = registry.register(model, dev=dev, confidence=0.5)
+    assert loose.promoted and loose.evidence["baseline"]["ci_low"] > 0 and loose.evidence["baseline"]["level"] == 0.5
+
+
+def test_a_challenger_one_row_better_than_production_does_not_replace_it(home, tiny_dir, tmp_path):  # noqa: F811
+    # Train majority Uses: both models clearly beat predicting Uses; the challenger is production
+    # plus one more right row, a point win but no evidence.
+    texts = [f"citation text number {i} ( Smith , {1990 + i} )" for i in range(60)]
+    challenger, rows = k_row_model(tiny_dir, tmp_path / "c", texts, 1, "Background", "Uses")
+    gold = ["Uses" if i in rows or i < 3 else "Background" for i in range(60)]
+    dev = EvalSet(texts=texts, pairs=None, gold=gold, fingerprint="snap-1", majority_label="Uses",
+                  label_names=label_names())
+    prod = registry.register(constant_model(tiny_dir, tmp_path / "p", "Background", 0.5), dev=dev)
+    assert prod.promoted and prod.evidence["baseline"]["ci_low"] > 0
+    res = registry.register(challenger, dev=dev)
+    assert res.dev_score > res.production_dev_score and not res.promoted
+    assert "below the bar" in res.reason and f"production {prod.tag}" in res.reason
+    assert res.evidence["production"]["ci_low"] <= 0 and res.warning is None
+    assert registry.production_tag(DOMAIN) == prod.tag
+    margin = registry.register(challenger, dev=dev, promote_margin=-0.05)  # a margin below 0 lets it through
+    assert margin.promoted and res.evidence["production"]["ci_low"] > -5
+
+
+# ---------------------------------------------------------------- carved dev splits (issue #23)
+
+
+def fingerprinted(path: Path, fingerprint: str) -> Path:
+    """``path``'s l3m.json saying it was trained on the snapshot ``fingerprint``."""
+    meta = json.loads((path / "l3m.json").read_text())
+    meta["data_fingerprint"] = fingerprint
+    (path / "l3m.json").write_text(json.dumps(meta))
+    return path
+
+
+def carved(gold: list[str], fingerprint: str, offset: int = 0) -> EvalSet:
+    """A carved dev split; another ``offset`` holds out other rows (a re-carve)."""
+    return EvalSet(texts=[f"citation text {i + offset}" for i in range(len(gold))], pairs=None, gold=gold,
+                   fingerprint=fingerprint, majority_label="Future", label_names=label_names(), carved=True)
+
+
+def test_a_recarved_dev_split_is_not_a_fair_comparison(home, tiny_dir, tmp_path):  # noqa: F811
+    prod = registry.register(fingerprinted(constant_model(tiny_dir, tmp_path / "p", "Uses", 0.5), "carve-a"),
+                             dev=carved(GOLD, "carve-a"))
+    assert prod.promoted
+    # A changed split_spec re-carved dev: production may have trained on rows now in dev.
+    challenger = fingerprinted(constant_model(tiny_dir, tmp_path / "c", "Background", 0.5), "carve-b")
+    res = registry.register(challenger, dev=carved(GOLD, "carve-b", offset=1000))
+    assert res.dev_score > res.production_dev_score and not res.promoted and res.stage == "candidate"
+    assert res.warning and "not fair" in res.warning and prod.tag in res.warning and "--force" in res.warning
+    assert registry.production_tag(DOMAIN) == prod.tag
+    assert not registry.promote(res.tag).promoted
+    assert registry.promote(res.tag, force=True).promoted
+
+
+def test_a_carved_dev_split_with_the_same_rows_is_compared(home, tiny_dir, tmp_path):  # noqa: F811
+    prod = registry.register(fingerprinted(constant_model(tiny_dir, tmp_path / "p", "Uses", 0.5), "carve-a"),
+                             dev=carved(GOLD, "carve-a"))
+    # New train rows appended (new fingerprint), the same dev rows held out: a fair comparison.
+    challenger = fingerprinted(constant_model(tiny_dir, tmp_path / "c", "Background", 0.5), "carve-a2")
+    res = registry.register(challenger, dev=carved(GOLD, "carve-a2"))
+    assert res.promoted and res.previous_production == prod.tag and res.warning is None

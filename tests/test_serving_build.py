@@ -1,5 +1,5 @@
-"""Bento builds: offline, production only, one bento ``l3m-<domain>:<model version>`` per model
-version, and a built bento serves the tag it packaged.
+"""Bento builds: offline, production only, one bento ``l3m-<domain>:<model version>-<build inputs>``
+per model version and serving code, and a built bento serves the tag it packaged.
 
 BentoML 1.4.39 runs `uv` during every build and pip-installs it when missing; with PIP_NO_INDEX
 set here, a missing `uv` fails the test instead of being fetched (install it with the dev tools).
@@ -36,15 +36,15 @@ def bento_dirs(home: Path) -> list[Path]:
 
 
 def test_production_bento_is_named_for_the_domain_and_built_once(home, tmp_path):
-    from flows.register import build_bento
+    from flows.register import bento_inputs_digest, build_bento
     from serving import registry
 
     res = registry.register(build_tiny_model_dir(tmp_path / "model"))
     assert res.promoted
     tag, built = build_bento(res.tag)
-    assert built and tag == res.tag  # bento l3m-<domain>:<the model's version>
+    assert built and tag == f"{res.tag}-{bento_inputs_digest()}"  # l3m-<domain>:<model version>-<inputs>
     (bento_dir,) = bento_dirs(home)
-    assert bento_dir.parent.name == f"l3m-{DOMAIN}" and bento_dir.name == res.tag.split(":")[1]
+    assert bento_dir.parent.name == f"l3m-{DOMAIN}" and bento_dir.name == tag.split(":")[1]
     info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
     assert [m["tag"] for svc in info["services"] for m in svc["models"]] == [res.tag]
     assert {e["name"]: e["value"] for e in info["envs"]}["L3M_MODEL_TAG"] == res.tag
@@ -57,8 +57,29 @@ def test_production_bento_is_named_for_the_domain_and_built_once(home, tmp_path)
     _bento_code_runs_without_the_library(bento_dir / "src")
 
     mtime = (bento_dir / "bento.yaml").stat().st_mtime
-    assert build_bento(res.tag) == (res.tag, False)  # nothing changed: nothing built
+    assert build_bento(res.tag) == (tag, False)  # nothing changed: nothing built
     assert bento_dirs(home) == [bento_dir] and (bento_dir / "bento.yaml").stat().st_mtime == mtime
+
+
+def test_changed_serving_code_builds_a_new_bento_of_the_same_model(home, tmp_path, monkeypatch):
+    import shutil
+
+    import flows.register as fr
+    from serving import registry
+
+    res = registry.register(build_tiny_model_dir(tmp_path / "model"))
+    first, _ = fr.build_bento(res.tag)
+    root = tmp_path / "repo"  # the serving code as it will be after an edit
+    shutil.copytree(ROOT / "serving", root / "serving")
+    service = root / "serving" / "service.py"
+    service.write_text(service.read_text() + "\n# an edit after the first build\n")
+    monkeypatch.setattr(fr, "ROOT", root)
+    monkeypatch.setattr(fr, "BENTOFILE", root / "serving" / "bentofile.yaml")
+    second, built = fr.build_bento(res.tag)
+    assert built and second != first and second.startswith(res.tag + "-")
+    assert len(bento_dirs(home)) == 2
+    packaged = home / "bentos" / f"l3m-{DOMAIN}" / second.split(":")[1] / "src" / "serving" / "service.py"
+    assert packaged.read_text().endswith("# an edit after the first build\n")
 
 
 def test_candidate_is_registered_but_not_packaged(home, tmp_path):
@@ -84,13 +105,13 @@ def test_built_bento_serves_its_packaged_tag_not_the_ledger_production(home, tmp
 
     base = build_tiny_model_dir(tmp_path / "base")
     packaged = registry.register(copy_with_dev(base, tmp_path / "a", 0.5)).tag
-    build_bento(packaged)
+    bento, _ = build_bento(packaged)
     newer = registry.register(copy_with_dev(base, tmp_path / "b", 0.6))
     assert newer.promoted and registry.production_tag(DOMAIN) == newer.tag != packaged
 
     env = os.environ | {"L3M_TORCH_THREADS": "1"}
     env.pop("L3M_MODEL_TAG", None)
-    with bentoml_server(packaged, tmp_path, env, tmp_path / "serve.log") as (url, _):
+    with bentoml_server(bento, tmp_path, env, tmp_path / "serve.log") as (url, _):
         meta = httpx.get(f"{url}/metadata", timeout=30).json()
         assert meta["model_tag"] == packaged
 
