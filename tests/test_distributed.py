@@ -73,3 +73,15 @@ def test_under_torchrun_rank_zero_takes_the_run_lock_and_decides(monkeypatch, tm
         monkeypatch.setenv("RANK", r)
         experiment.run_planned(None, key, None, tmp_path)  # type: ignore[arg-type]
     assert taken == [f"{key.name}.lock"] and decided == [key.name, key.name]
+
+
+def test_nproc_that_cannot_split_the_global_batch_is_refused_before_launch(tmp_path, toy_domain):
+    import yaml
+
+    from flows.train import torchrun_train
+    from l3m.config import ConfigError
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"domain": toy_domain(), "training": {"batch_size": 6, "grad_accum": 1}}))
+    with pytest.raises(ConfigError, match="does not split over 4 processes"):
+        torchrun_train(path, [], 4)
