@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from l3m.config import MaskingSpec, RunConfig, TunerSpec
+from l3m.config import LORA_FIELDS, MaskingSpec, RunConfig, TunerSpec
 
 # Bumped when the meaning of a run changes without any setting changing (e.g. a fix in how runs
 # are trained that makes older runs incomparable).
@@ -53,6 +53,13 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def tuner_identity(tuner: TunerSpec) -> dict[str, Any]:
+    """The tuner's settings that change its runs: lora's own fields for lora, the rest otherwise."""
+    if tuner.kind == "lora":
+        return tuner.model_dump(mode="json", include=set(LORA_FIELDS))
+    return tuner.model_dump(mode="json", exclude=set(LORA_FIELDS - {"kind", "train_head"}))
+
+
 def model_identity(cfg: RunConfig) -> dict[str, Any]:
     from l3m.scoring.keys import model_fingerprint
 
@@ -70,7 +77,7 @@ def run_identity(cfg: RunConfig, strategy: MaskingSpec, tuner: TunerSpec, seed: 
         "version": IDENTITY_VERSION,
         "model": model_identity(cfg),
         "strategy": strategy.model_dump(mode="json") if uses_mlm else {"kind": "none"},
-        "tuner": tuner.model_dump(mode="json"),
+        "tuner": tuner_identity(tuner),
         "training": training,
         "seed": seed,
         "metric": cfg.domain.metric,
