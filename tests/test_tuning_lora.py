@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from test_training import _fake_logp, domain, tiny_model  # noqa: F401  (fixtures)
 from test_tuning import TinyMultiTask, base_dir, train  # noqa: F401  (fixture)
 
 from l3m.config import LORA_FIELDS, MaskingSpec, RunConfig, TunerSpec
@@ -98,3 +99,31 @@ def test_lora_settings_are_in_lora_identities_only(tmp_path):
     variants = [{}, {"rank": 4}, {"alpha": 8}, {"dropout": 0.0}, {"target_modules": ["query"]}, {"lora_lr": 1e-3},
                 {"train_head": False}]
     assert len({str(ident(**v)) for v in variants}) == len(variants)
+
+
+@pytest.mark.slow
+def test_lora_with_every_masking_strategy_through_the_experiment(domain, tiny_model, tmp_path,  # noqa: F811
+                                                                  monkeypatch):
+    from transformers import AutoTokenizer
+
+    from l3m import experiment, results
+    from l3m import inputs as inputs_module
+
+    request_domain, request_model = domain, tiny_model
+    cfg = RunConfig(domain=request_domain, model={"name_or_path": str(request_model), "max_length": 32},
+                    strategies=[{"kind": "none"}, {"kind": "random"}, {"kind": "l3"}, {"kind": "selective"}],
+                    tuners=[{"kind": "lora", "rank": 4, "lora_lr": 1e-2}],
+                    training={"epochs": 1, "batch_size": 16, "seeds": [1], "fp16_on_cuda": False},
+                    output_dir=str(tmp_path / "out"))
+    tok = AutoTokenizer.from_pretrained(request_model)
+    monkeypatch.setattr(inputs_module, "score_train", lambda cfg, loaded: (_fake_logp(loaded, tok), "fake-key"))
+    out = experiment.run_experiment(cfg, log=lambda s: None)
+    keys = [k for k, _ in experiment.plan_runs(cfg, experiment.load_domain(request_domain).fingerprint)]
+    rows = results.summarize([k.path(tmp_path / "out") for k in keys])
+    assert {(r["strategy"], r["tuner"]) for r in rows} == {(s, "lora") for s in ("none", "random", "l3", "selective")}
+    assert "| lora |" in out["md"].read_text()
+    # The Selective rater is the lora STL run: rebuilt over its base to rate the tokens.
+    assert list((tmp_path / "out" / "selective").glob("selective-*.npz"))
+    for key in keys:
+        model_dir = key.path(tmp_path / "out") / "model"
+        assert (model_dir / LORA_FILE).is_file() and not list(model_dir.glob("model*.safetensors"))
