@@ -46,6 +46,26 @@ def test_lora_target_modules_come_from_the_config_and_a_miss_is_a_clear_error(ba
         TunerSpec(kind="lora", target_modules=[])
 
 
+def test_lora_targets_a_family_cannot_meet_are_refused_before_the_run(tmp_path):
+    """The same rule, checked with the model's capabilities (exit 2 on the CLI, no training)."""
+    from l3m.capabilities import Capabilities, refusals
+
+    caps = Capabilities("distilbert", None, None, None, None,
+                        layer_linears=tuple(f"distilbert.transformer.layer.0.attention.{m}" for m in ("q_lin", "v_lin")))
+
+    def why(**spec: object) -> list[str]:
+        cfg = RunConfig(domain={"name": "d", "splits": {"train": {"path": "t.jsonl"}}}, model={"name_or_path": "x"},
+                        strategies=[{"kind": "none"}], tuners=[{"kind": "full"}, {"kind": "lora", **spec}],
+                        output_dir=str(tmp_path))
+        return refusals(cfg, caps)
+
+    assert why() == ["tuners[1] lora: peft has no default target modules for distilbert; set "
+                     "tuners[].target_modules to names of its encoder-layer linears, e.g. ['q_lin', 'v_lin']"]
+    assert why(target_modules=["query"]) == ["tuners[1] lora: no encoder-layer linear of distilbert matches "
+                                             "target_modules ['query']; its linears end in ['q_lin', 'v_lin']"]
+    assert why(target_modules=["q_lin", "v_lin"]) == []
+
+
 def test_lora_trains_adapters_and_head_and_leaves_every_pretrained_weight(base_dir, tmp_path):  # noqa: F811
     model = TinyMultiTask(base_dir)
     tuner = build_tuner(TunerSpec(kind="lora", lora_lr=5e-2))

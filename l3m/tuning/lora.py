@@ -22,6 +22,7 @@ was trained and evaluated.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,23 +51,25 @@ FORMAT = "l3m.lora/1"
 ADAPTER = "default"
 
 
-def target_names(clf: PreTrainedModel, spec: TunerSpec) -> list[str]:
-    """Full names (in ``clf``) of the encoder-layer linears to adapt; a clear error when none match."""
-    family = clf.config.model_type
-    wanted = spec.target_modules or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(family)
-    linears = layer_stack_linears(clf)
-    if not isinstance(wanted, list):
+def lora_targets(family: str, linears: Iterable[str], wanted: list[str] | None) -> list[str]:
+    """The encoder-layer linears (names) whose name ends in one of ``wanted`` (None: peft's default
+    for ``family``); a ValueError naming what to set when there is none."""
+    names = list(linears)
+    endings = sorted({n.rsplit(".", 1)[-1] for n in names})
+    chosen = wanted or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(family)
+    if not isinstance(chosen, list):
         raise ValueError(f"lora: peft has no default target modules for {family}; set tuners[].target_modules to "
-                         f"names of its encoder-layer linears, e.g. {_endings(linears)}")
-    names = [n for n in linears if any(n == w or n.endswith("." + w) for w in wanted)]
-    if not names:
-        raise ValueError(f"lora: no encoder-layer linear of {family} matches target_modules {wanted}; its linears "
-                         f"end in {_endings(linears)}")
-    return names
+                         f"names of its encoder-layer linears, e.g. {endings}")
+    found = [n for n in names if any(n == w or n.endswith("." + w) for w in chosen)]
+    if not found:
+        raise ValueError(f"lora: no encoder-layer linear of {family} matches target_modules {chosen}; its linears "
+                         f"end in {endings}")
+    return found
 
 
-def _endings(linears: dict[str, nn.Linear]) -> list[str]:
-    return sorted({n.rsplit(".", 1)[-1] for n in linears})
+def target_names(clf: PreTrainedModel, spec: TunerSpec) -> list[str]:
+    """Full names (in ``clf``) of the encoder-layer linears to adapt."""
+    return lora_targets(clf.config.model_type, layer_stack_linears(clf), spec.target_modules)
 
 
 def _unwrapped(name: str) -> str:
