@@ -185,6 +185,13 @@ def _scope_refusals(cfg: RunConfig, caps: Capabilities) -> list[str]:
             out.append(f"tuners[{i}] {t.kind} (scope {t.scope!r}): no linear layer of the {caps.family} encoder's "
                        f"layer stack has {t.scope!r} in its name (its blocks: {', '.join(blocks) or 'none'}); "
                        f"set tuners[{i}].scope to a part of their names")  # fmt: skip
+        if t.kind == "lora":
+            from l3m.tuning.lora import lora_targets
+
+            try:
+                lora_targets(caps.family, caps.layer_linears, t.target_modules)
+            except ValueError as e:
+                out.append(f"tuners[{i}] {e}")
     return out
 
 

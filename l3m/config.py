@@ -193,13 +193,34 @@ class MaskingSpec(Strict):
 
 
 class TunerSpec(Strict):
-    kind: Literal["full", "child_f", "child_d", "weight_mask"] = "full"
+    kind: Literal["full", "child_f", "child_d", "weight_mask", "lora"] = "full"
     reserve_p: float = Field(0.3, gt=0, le=1)  # child_f / child_d
     scope: str = "layer"  # child_d: parameter-name substring of the Fisher-selected set
     tau: float = 0.01  # weight_mask threshold
     initial_sparsity: float = Field(0.05, ge=0, lt=1)
     train_head: bool = True
     mask_lr: float = 1e-3
+    # lora (peft): rank, alpha (scaling alpha / rank), dropout on the adapter's input, and the
+    # last name parts of the encoder-layer linears to adapt (None: peft's default for the family,
+    # e.g. BERT/RoBERTa query + value). lora_lr: the adapters' lr (None: training.lr).
+    rank: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    lora_lr: float | None = Field(None, gt=0)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or not all(v.strip() for v in value)):
+            raise ValueError("target_modules: a non-empty list of module names (e.g. [query, value]), or omit it "
+                             "for the family's default")
+        return value
+
+
+# The TunerSpec fields the lora tuner reads: its identity holds these only, and every other
+# tuner's identity leaves the lora fields out (so adding them changed no existing run id).
+LORA_FIELDS = frozenset({"kind", "rank", "alpha", "dropout", "target_modules", "lora_lr", "train_head"})
 
 
 class Stage2Spec(Strict):

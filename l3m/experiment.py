@@ -78,9 +78,10 @@ def _rater_key(cfg: RunConfig, data_fingerprint: str) -> RunKey:
 def selective_masks(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, log: Log = print) -> list[np.ndarray]:
     """Gu et al.'s selection over the train rows runs use, rated by this config's STL classifier."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from l3m.masking.selective import SelectiveStore, compute_selective_masks
+    from l3m.tuning import load_trained
 
     spec = _spec(cfg, "selective")
     rater = _rater_key(cfg, inputs.data_fingerprint)
@@ -93,7 +94,7 @@ def selective_masks(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, log: Log
 
     def compute() -> list[np.ndarray]:
         tok = AutoTokenizer.from_pretrained(rec.model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(rec.model_dir)
+        model = load_trained(rec.model_dir)  # a lora rater has no full weights: rebuilt over its base
         encs = [dict(tok(*items[i], **encode_kwargs(cfg.model.max_length))) for i in rows]
         labels = list(inputs.loaded.dataset["train"]["label"])
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from l3m.config import MaskingSpec, RunConfig, TunerSpec
+from l3m.config import LORA_FIELDS, MaskingSpec, RunConfig, TunerSpec
 
 # Bumped when the meaning of a run changes without any setting changing (e.g. a fix in how runs
 # are trained that makes older runs incomparable).
@@ -34,7 +34,7 @@ IDENTITY_VERSION = 3
 # these modules fails tests/test_identity.py until it is pinned again, with the version bumped
 # when the change alters what a run computes. ``python -m l3m.identity pin`` does it (it asks
 # for ``--same-results`` to re-pin an unchanged version).
-TRAINING_CODE = {"version": 3, "digest": "97aba22be8860961c4064836df1555cec5385fef4153c5284a1ab599d9fb2bf8"}
+TRAINING_CODE = {"version": 3, "digest": "389650babba1c4cfb31c78a120e12622bb4f8b695027175d954c505e2616c69a"}
 TRAINING_MODULES = ("train.py", "run_steps.py", "trainer.py", "stage2.py", "encoding.py", "modeling.py",
                     "optim.py", "evaluate.py", "distributed.py", "masking/*.py", "weighting/*.py", "tuning/*.py")
 RUN_RECORD = "run.json"
@@ -67,6 +67,13 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def tuner_identity(tuner: TunerSpec) -> dict[str, Any]:
+    """The tuner's settings that change its runs: lora's own fields for lora, the rest otherwise."""
+    if tuner.kind == "lora":
+        return tuner.model_dump(mode="json", include=set(LORA_FIELDS))
+    return tuner.model_dump(mode="json", exclude=set(LORA_FIELDS - {"kind", "train_head"}))
+
+
 def model_identity(cfg: RunConfig) -> dict[str, Any]:
     from l3m.scoring.keys import model_fingerprint
 
@@ -84,7 +91,7 @@ def run_identity(cfg: RunConfig, strategy: MaskingSpec, tuner: TunerSpec, seed: 
         "version": IDENTITY_VERSION,
         "model": model_identity(cfg),
         "strategy": strategy.model_dump(mode="json") if uses_mlm else {"kind": "none"},
-        "tuner": tuner.model_dump(mode="json"),
+        "tuner": tuner_identity(tuner),
         "training": training,
         "seed": seed,
         "metric": cfg.domain.metric,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,21 +134,22 @@ def check_model_dir(model_dir: str | os.PathLike[str]) -> ModelMeta:
     return meta
 
 
-def load_classifier(model_path: str | Path) -> tuple[Any, Any, ModelMeta]:
+def load_classifier(model_path: str | Path, base_path_of: Callable[[str], str | Path] | None = None
+                    ) -> tuple[Any, Any, ModelMeta]:
     """(model in eval mode, tokenizer, meta) from a trained model directory or a store copy.
 
-    Full-weight directories load with ``from_pretrained(use_safetensors=True)``. The
-    ``weight_mask`` tuner's compact format (mask + head over the base model) is to be rebuilt
-    here as well once training writes it, so callers never learn the difference.
+    Full-weight directories load with ``from_pretrained(use_safetensors=True)``; a compact
+    ``weight_mask`` / ``lora`` domain (masks or adapters + head) is rebuilt over its base
+    (``serving.bases``: a store copy's base is found by ``base_path_of(tag)``, by default in the
+    registry's store), so callers never learn the difference.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from serving.bases import load_model  # it reads this module's types
 
     root = Path(model_path)
     meta = read_meta(root)
-    if not (root / "config.json").is_file():
-        raise ModelDirError(f"{root}: no config.json; compact ({meta.tuner}) model formats are not supported yet")
-    model = AutoModelForSequenceClassification.from_pretrained(str(root), use_safetensors=True)
-    model.eval()
+    model = load_model(root, base_path_of)
     tokenizer = AutoTokenizer.from_pretrained(str(root))
     n_out = int(model.config.num_labels)
     if n_out != len(meta.label_names):

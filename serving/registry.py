@@ -20,11 +20,11 @@ own container caches it) so the CLI, flows and tests can point at different stor
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.bases import copy_model_dir, store_base
 from serving.ledger import add_event, domain_state, locked_ledger, now_iso, read_ledger
 from serving.model_io import ModelDirError, ModelMeta, RegistryError, check_model_dir, load_classifier
 from serving.promotion import (
@@ -117,6 +117,11 @@ def _get(tag: str) -> Any:
         raise RegistryError(f"no model {tag!r} in the store at {registry_home()}") from e
 
 
+def model_path(tag: str) -> Path:
+    """Where ``tag``'s files are in the store."""
+    return Path(_get(tag).path)
+
+
 def has_model(tag: str) -> bool:
     """Whether ``tag`` is (still) in the store."""
     try:
@@ -192,15 +197,11 @@ def register(
         promoted, reason, warning = decide(scores, promote_margin, note)
         stage = PRODUCTION if promoted else CANDIDATE
         labels = {"domain": meta.domain, "strategy": meta.strategy, "tuner": meta.tuner, "stage": stage}
+        base = store_base(meta, _store())  # weight_mask / lora: their base, stored once (serving.bases)
         with bentoml.models.create(
             model_name(meta.domain), labels=labels, metadata=_metadata(meta), _model_store=_store()
         ) as bento_model:
-            for item in src.iterdir():
-                dest = Path(bento_model.path) / item.name
-                if item.is_dir():
-                    shutil.copytree(item, dest)
-                else:
-                    shutil.copy2(item, dest)
+            copy_model_dir(src, Path(bento_model.path), base)
         tag = str(bento_model.tag)
         ledger["models"][tag] = {
             "domain": meta.domain, "stage": CANDIDATE, "reason": reason, "metric": meta.metric,

@@ -29,6 +29,7 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse
 
 from serving import connections
+from serving.bases import read_ref
 from serving.batcher import BatchFailed, MicroBatcher, Overloaded
 from serving.guard import RequestGuard, install_client_error_log_filter
 from serving.model_io import load_classifier, predict, predict_encoded, read_meta, serving_dtype
@@ -78,6 +79,8 @@ MODEL_TAG = resolve_model_tag(SETTINGS)
 # the active BentoML store (the bento's own store when running from a built bento).
 _MODEL_PATH = bentoml.models.get(MODEL_TAG).path
 _META = read_meta(_MODEL_PATH)
+# A weight_mask / lora domain is rebuilt over its base (serving.bases): packaged beside it.
+_BASE = read_ref(_MODEL_PATH)
 MAX_TEXT_CHARS = SETTINGS.max_text_chars or default_max_chars(_META.max_length)
 
 
@@ -110,6 +113,8 @@ info_app = FastAPI(title="l3m metadata")
 @bentoml.service(name="l3m_classifier", workers=SETTINGS.workers, traffic={"timeout": 120})
 class L3MClassifier:
     bento_model = BentoModel(MODEL_TAG)
+    if _BASE is not None:
+        base_model = BentoModel(_BASE.tag)
 
     def __init__(self) -> None:
         import torch
@@ -120,7 +125,9 @@ class L3MClassifier:
         if SETTINGS.torch_threads > 0:
             torch.set_num_threads(SETTINGS.torch_threads)
         self.tag = str(self.bento_model.tag)
-        self.model, self.tokenizer, self.meta = load_classifier(self.bento_model.path)
+        # A compact domain's base from the active store (inside a bento: the bento's own).
+        self.model, self.tokenizer, self.meta = load_classifier(self.bento_model.path,
+                                                                lambda tag: bentoml.models.get(tag).path)
         self.dtype = serving_dtype(SETTINGS.dtype, self.model.device.type)
         # One forward pass before reporting ready: the first call pays lazy initialisation
         # that should not land on a user's request.

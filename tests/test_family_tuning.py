@@ -212,3 +212,42 @@ def test_authors_head_is_refused_for_a_family_without_such_a_head(model_type):
     """A family that matches no rule (GPT-2 scores its last token) or has no classifier at all (CLIP)."""
     reason = authors_head_unsupported(model_type)
     assert reason is not None and f"for {model_type}" in reason
+
+
+# Each family's attention query and value linears, written out per family; peft ships a default
+# for the first six (lora then needs no target_modules), the others must name them.
+LORA_QV = {
+    "bert": ("attention.self.query", "attention.self.value"),
+    "bert-cased": ("attention.self.query", "attention.self.value"),
+    "roberta": ("attention.self.query", "attention.self.value"),
+    "xlm-roberta": ("attention.self.query", "attention.self.value"),
+    "electra": ("attention.self.query", "attention.self.value"),
+    "deberta-v2": ("attention.self.query_proj", "attention.self.value_proj"),
+    "distilbert": ("attention.q_lin", "attention.v_lin"),
+    "albert": ("attention.query", "attention.value"),
+    "mpnet": ("attention.attn.q", "attention.attn.v"),
+    "modernbert": ("attn.Wqkv",),
+}
+PEFT_DEFAULT = {"bert", "bert-cased", "roberta", "xlm-roberta", "electra", "deberta-v2"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_adapts_the_attention_query_and_value_of_the_layer_stack(family, family_models):
+    from peft.tuners.lora import LoraLayer
+
+    model = _multitask(family_models[family])
+    clf = model.classifier_model
+    want = {n for n, m in clf.named_modules()
+            if type(m) is nn.Linear and n.startswith(LAYER_STACK[family]) and n.endswith(LORA_QV[family])}  # fmt: skip
+    assert want, family
+    if family not in PEFT_DEFAULT:
+        with pytest.raises(ValueError, match=f"peft has no default target modules for {clf.config.model_type}"):
+            build_tuner(TunerSpec(kind="lora")).prepare(_multitask(family_models[family]))
+    targets = None if family in PEFT_DEFAULT else [n.rsplit(".", 1)[-1] for n in LORA_QV[family]]
+    build_tuner(TunerSpec(kind="lora", target_modules=targets)).prepare(model)
+    assert {n for n, m in clf.named_modules() if isinstance(m, LoraLayer)} == want
+    _assert_encoder_layers_only({CLF + n for n in want}, family)
+    tok = AutoTokenizer.from_pretrained(family_models[family])
+    out = model(**tok(TEXTS, padding=True, return_tensors="pt"), labels=torch.tensor([0, 1]))
+    out.loss.backward()  # the adapters are on the classification path
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".lora_A" in n), family

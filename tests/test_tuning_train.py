@@ -14,7 +14,7 @@ from test_tuning import save_tiny_base
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from l3m.config import DEFAULT_SHARED, DomainConfig, MaskingSpec, RunConfig, TunerSpec
-from l3m.tuning import build_tuner, registered_tuners
+from l3m.tuning import build_tuner, load_trained, registered_tuners
 
 train = pytest.importorskip("l3m.train")
 loading = pytest.importorskip("l3m.data.loading")
@@ -48,7 +48,7 @@ def test_every_tuner_through_train_one(setup, tmp_path, kind):
     rec = train.train_one(cfg, MaskingSpec(kind="l3"), spec, seed=3, inputs=inputs, out_dir=tmp_path / kind)
     assert rec.global_steps == 8 and rec.tuner == kind
     out = tmp_path / kind / "model"
-    served = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    served = load_trained(out)  # full weights, or (lora) rebuilt over the base its l3m.json names
     tok = AutoTokenizer.from_pretrained(out)
     texts = list(inputs.loaded.dataset["test"]["text"])
     enc = tok(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
@@ -58,7 +58,8 @@ def test_every_tuner_through_train_one(setup, tmp_path, kind):
     assert acc == pytest.approx(rec.metrics["test"]["accuracy"])  # the exported model is the evaluated one
     # The tuner's footprint on the trained encoder weights, compared with the base checkpoint.
     base = dict(AutoModelForSequenceClassification.from_pretrained(model_dir).named_parameters())
-    trained = dict(served.named_parameters())
+    # lora keeps each adapted linear as ``<name>.base_layer``: compare under the plain names.
+    trained = {n.replace(".base_layer.", "."): p for n, p in served.named_parameters() if ".lora_" not in n}
     def changed_share(names: list[str]) -> float:
         return sum(int((trained[n] != base[n]).sum()) for n in names) / sum(trained[n].numel() for n in names)
 
@@ -74,6 +75,8 @@ def test_every_tuner_through_train_one(setup, tmp_path, kind):
         with torch.no_grad():
             rebuilt = build_tuner(spec).rebuild(model_dir, out)(**enc).logits
         assert torch.equal(rebuilt, pred)
+    elif kind == "lora":  # the pretrained weights are untouched; the adapters carry the change
+        assert changed == 0 and any(".lora_B" in n and p.abs().sum() > 0 for n, p in served.named_parameters())
     elif kind == "child_d":
         assert 0.25 < changed_share(scope) <= 0.3  # only the child network (reserve_p = 0.3) moved
     else:

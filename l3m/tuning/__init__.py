@@ -1,9 +1,9 @@
 """Tuning strategies as plug-ins: ``build_tuner(spec)`` -> a Tuner (see ``base.py``, docs/tuning.md).
 
-Importing this package registers every built-in kind: full, child_f, child_d, weight_mask.
+Importing this package registers every built-in kind: full, child_f, child_d, weight_mask, lora.
 """
 
-from l3m.tuning import child_d, child_f, full, weight_mask  # noqa: F401  (registration)
+from l3m.tuning import child_d, child_f, full, lora, weight_mask  # noqa: F401  (registration)
 from l3m.tuning.base import (
     Tuner,
     build_tuner,
@@ -12,6 +12,7 @@ from l3m.tuning.base import (
     registered_tuners,
 )
 from l3m.tuning.packing import pack_mask, unpack_mask
+from l3m.tuning.trained import load_trained
 from l3m.tuning.weight_mask import MaskedLinear
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Tuner",
     "build_tuner",
     "find_classifier",
+    "load_trained",
     "pack_mask",
     "register_tuner",
     "registered_tuners",

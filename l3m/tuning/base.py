@@ -42,6 +42,10 @@ class Tuner:
     """Plain fine-tuning semantics; subclasses override the hooks they need."""
 
     kind: ClassVar[str] = ""
+    # The file that holds a trained domain over its frozen base (masks or adapters + head + what
+    # the base lacks), for tuners whose domain is small: a registry can keep this file and a
+    # reference to the base instead of full weights, and ``rebuild`` reads it. None: a full copy.
+    domain_file: ClassVar[str | None] = None
 
     def __init__(self, spec: TunerSpec) -> None:
         self.spec = spec

@@ -23,16 +23,13 @@ Choices, following the authors' code (ptlmasking/maskbert, masking/maskers.py, m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
-from transformers.utils import logging as hf_logging
+from transformers import PreTrainedModel
 
 from l3m.config import TunerSpec
 from l3m.tuning.base import (
@@ -47,6 +44,7 @@ from l3m.tuning.base import (
     tensor_bytes,
     weights_bytes,
 )
+from l3m.tuning.compact import base_extras, load_domain_file, write_domain_file
 from l3m.tuning.packing import pack_mask, unpack_mask
 
 MASK_FILE = "weight_mask.safetensors"
@@ -131,18 +129,9 @@ def _linears_to_mask(clf: PreTrainedModel, scope: str, mask_head: bool) -> list[
     return names
 
 
-def _load_base(base_model_path: str | Path, config: Any) -> PreTrainedModel:
-    """The base checkpoint as a classifier; randomly initialised parts do not touch the global RNG."""
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialized weights" is expected here
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return AutoModelForSequenceClassification.from_pretrained(str(base_model_path), config=config)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
 class WeightMaskTuner(Tuner):
+    domain_file = MASK_FILE
+
     def __init__(self, spec: TunerSpec) -> None:
         super().__init__(spec)
         self.base_model_path: str | None = None  # from prepare(); export() can be told otherwise
@@ -202,14 +191,8 @@ class WeightMaskTuner(Tuner):
             merged[f"{name}.weight"] = module.merged_weight()
         clf.save_pretrained(out_dir, state_dict=merged)
 
-        reference = _load_base(base, clf.config).state_dict()
-        extras = {
-            k: v.detach().to("cpu").contiguous()
-            for k, v in raw.items()
-            if k not in reference or not torch.equal(v.detach().cpu(), reference[k])
-        }
+        extras = base_extras(raw, base, clf.config)
         packed = {name: pack_mask(m.mask()) for name, m in masked.items()}
-        tensors = {f"mask/{n}": t for n, t in packed.items()} | {f"extra/{k}": t for k, t in extras.items()}
         meta = {
             "format": FORMAT,
             "base_model": str(base),
@@ -217,38 +200,18 @@ class WeightMaskTuner(Tuner):
             "shapes": {n: list(m.weight.shape) for n, m in masked.items()},
             "sparsity": self.sparsity(clf),
         }
-        save_file(tensors, str(out_dir / MASK_FILE), metadata={"l3m": json.dumps(meta)})
-        heads = head_prefixes(clf)
-        return {
-            "full_model_bytes": weights_bytes(out_dir),
-            "mask_bytes": tensor_bytes(packed.values()),
-            "head_bytes": tensor_bytes(v for k, v in extras.items() if is_head_param(k, heads)),
-            "extra_bytes": tensor_bytes(v for k, v in extras.items() if not is_head_param(k, heads)),
-            "task_bytes": (out_dir / MASK_FILE).stat().st_size,
-        }
+        sizes = write_domain_file(out_dir / MASK_FILE, {"mask": packed, "extra": extras}, meta, head_prefixes(clf))
+        return {"full_model_bytes": weights_bytes(out_dir), "mask_bytes": tensor_bytes(packed.values()), **sizes}
 
     def rebuild(self, base_model_path: str | Path, out_dir: Path) -> nn.Module:
         """Base weights + stored extras + stored masks -> the trained classifier (plain Linear)."""
         out_dir = Path(out_dir)
-        tensors = load_file(str(out_dir / MASK_FILE))
-        model = _load_base(base_model_path, AutoConfig.from_pretrained(str(out_dir)))
-        state = model.state_dict()  # shares storage with the parameters
+        model, tensors, meta = load_domain_file(base_model_path, out_dir, MASK_FILE)
         with torch.no_grad():
-            for key, value in tensors.items():
-                if key.startswith("extra/"):
-                    state[key.removeprefix("extra/")].copy_(value)
-            meta = json.loads(read_metadata(out_dir)["l3m"])
             for name, shape in meta["shapes"].items():
                 weight = model.get_parameter(f"{name}.weight")
                 weight.mul_(unpack_mask(tensors[f"mask/{name}"], shape).to(weight.dtype))
         return model.eval()
-
-
-def read_metadata(out_dir: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(Path(out_dir) / MASK_FILE), framework="pt") as f:
-        return f.metadata() or {}
 
 
 register_tuner("weight_mask", WeightMaskTuner)

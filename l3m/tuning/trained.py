@@ -1,0 +1,50 @@
+"""Loading a trained model directory as its classifier, whatever the tuner stored.
+
+A full classifier (``model.safetensors``: full, Child-Tuning, a weight_mask run's merged copy)
+loads with ``from_pretrained``; a compact domain without full weights (a lora run, or a
+registry's compact copy of a weight_mask or lora domain) is rebuilt over its base model by its
+tuner. The base is the one ``l3m.json`` names, resolved as training resolved it, unless the
+caller knows where its copy lives (a registry's shared base).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+
+from l3m.config import ModelSpec, TunerSpec
+from l3m.tuning.base import Tuner, build_tuner
+
+META_FILE = "l3m.json"
+
+
+def tuner_of(meta: dict[str, Any]) -> Tuner:
+    """The tuner a model directory's ``l3m.json`` was trained with (its spec, or just its kind)."""
+    spec = meta.get("tuner", "full")
+    return build_tuner(TunerSpec.model_validate(spec) if isinstance(spec, dict) else TunerSpec(kind=spec))
+
+
+def base_location(meta: dict[str, Any]) -> str:
+    """Where the base model of ``meta`` is: its ``model.name_or_path`` resolved as training did."""
+    name = (meta.get("config") or {}).get("model", {}).get("name_or_path") or meta["base_model"]
+    return ModelSpec(name_or_path=name).resolved()
+
+
+def has_full_weights(model_dir: str | Path) -> bool:
+    return any(Path(model_dir).glob("model*.safetensors"))
+
+
+def load_trained(model_dir: str | Path, base: str | Path | None = None) -> nn.Module:
+    """The trained classifier of ``model_dir`` in eval mode (see the module doc)."""
+    root = Path(model_dir)
+    meta = json.loads((root / META_FILE).read_text(encoding="utf-8"))
+    tuner = tuner_of(meta)
+    if tuner.domain_file is None or has_full_weights(root):
+        return AutoModelForSequenceClassification.from_pretrained(str(root), use_safetensors=True).eval()
+    if not (root / tuner.domain_file).is_file():
+        raise FileNotFoundError(f"{root}: neither full weights (model.safetensors) nor {tuner.domain_file}")
+    return tuner.rebuild(base or base_location(meta), root)
