@@ -79,13 +79,36 @@ def test_only_seeds_both_strategies_have_are_compared(gold):
         stats.paired_bootstrap(gold, {1: a[2]}, {2: b[2]}, N_LABELS)
 
 
+def test_macro_f1_averages_every_declared_class_also_one_the_split_lacks():
+    """ChemProt's test split lacks a train class: the tables' macro-F1 (l3m.evaluate) and the
+    comparisons' (l3m.stats) must both average over the whole label set, whether or not a
+    model ever predicts the missing class."""
+    from types import SimpleNamespace
+
+    from l3m.evaluate import compute_metrics, full_report, majority_baseline
+
+    gold = np.array([0, 0, 1, 1, 1, 0])  # class 2 declared, absent from this split
+    never = np.array([0, 1, 1, 1, 0, 0])  # predicts only the present classes
+    once = np.array([0, 1, 1, 2, 0, 0])  # predicts the absent class once
+    for pred in (never, once):
+        table = headline(gold, pred, 3)["macro_f1"]
+        assert table == pytest.approx(stats.metric_value(gold, pred, 3, "macro_f1"), abs=1e-12)
+        assert table == pytest.approx(f1_score(gold, pred, labels=[0, 1, 2], average="macro", zero_division=0))
+        assert full_report(gold, pred, ["a", "b", "c"])["macro_f1"] == pytest.approx(table)
+        logits = np.eye(3)[pred]
+        assert compute_metrics(SimpleNamespace(predictions=logits, label_ids=gold))["macro_f1"] == pytest.approx(table)
+    # Three classes averaged, not two: the F1s of classes 0 and 1 over 3.
+    assert headline(gold, never, 3)["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 3)
+    assert majority_baseline([0, 0, 1], {"test": gold}, 3)["test"]["macro_f1"] == pytest.approx((2 / 3) / 3)
+
+
 def test_macro_f1_is_sklearns_and_evaluates_on_the_full_sample():
     rng = np.random.default_rng(7)
     gold, pred = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
     value = stats.metric_value(gold, pred, 5, "macro_f1")
     assert value == pytest.approx(f1_score(gold, pred, average="macro"), abs=1e-12)
-    assert value == pytest.approx(headline(gold, pred)["macro_f1"], abs=1e-12)
-    assert stats.metric_value(gold, pred, 5, "accuracy") == pytest.approx(headline(gold, pred)["accuracy"])
+    assert value == pytest.approx(headline(gold, pred, 5)["macro_f1"], abs=1e-12)
+    assert stats.metric_value(gold, pred, 5, "accuracy") == pytest.approx(headline(gold, pred, 5)["accuracy"])
     # Over the domain's label set: a label nobody predicts nor has counts as F1 0, as in sklearn.
     assert stats.metric_value(gold, pred, 7, "macro_f1") == pytest.approx(
         f1_score(gold, pred, labels=range(7), average="macro", zero_division=0), abs=1e-12)
