@@ -225,6 +225,10 @@ class TrainingSpec(Strict):
     # a fresh head at 1e-3 with weight decay 0.1 against 1e-4 for the pretrained encoder.
     head_lr: float | None = Field(None, gt=0)
     head_weight_decay: float | None = Field(None, ge=0)
+    # True: the head's biases are decayed too (at head_weight_decay), as in the authors' code,
+    # whose head AdamW decays every head parameter (run_mlm_auxiliary_PLT-Masking.py,
+    # classifier_optim with classf_wd 0.1 and no no-decay group). The paper profiles set it.
+    head_bias_decay: bool = False
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)

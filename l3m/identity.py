@@ -38,6 +38,9 @@ MLM_ONLY = {"mlm_weight", "use_unlabelled", "mlm_batch"}
 # MLM head's gradients unmasked. The runs whose set can differ get the marker, the others keep
 # their identity: STL and weight_mask with the default scope, and every full-tuner run.
 DEFAULT_SCOPE = TunerSpec.model_fields["scope"].default
+# Training settings added after runs existed: left out of the identity at their default, so the
+# runs that never set them keep their identity (and are not retrained).
+LATER_TRAINING_DEFAULTS = {"head_bias_decay": False}
 
 
 def _selection_changed(tuner: TunerSpec, uses_mlm: bool) -> bool:
@@ -66,6 +69,8 @@ def run_identity(cfg: RunConfig, strategy: MaskingSpec, tuner: TunerSpec, seed: 
     """The JSON object whose hash names a run (stored beside it as ``identity.json``)."""
     uses_mlm = strategy.kind != "none"
     training = cfg.training.model_dump(mode="json", exclude={"seeds"} | (set() if uses_mlm else MLM_ONLY))
+    training = {k: v for k, v in training.items()
+                if not (k in LATER_TRAINING_DEFAULTS and v == LATER_TRAINING_DEFAULTS[k])}
     ident: dict[str, Any] = {
         "version": IDENTITY_VERSION,
         "model": model_identity(cfg),
