@@ -83,6 +83,8 @@ def run_identity(cfg: RunConfig, strategy: MaskingSpec, tuner: TunerSpec, seed: 
         "data": data_fingerprint,
         "scores": score_key if strategy.kind == "l3" else None,
     }
+    if uses_mlm and cfg.domain.mlm_text != "raw":
+        ident["mlm_text"] = cfg.domain.mlm_text  # what the MLM side reads (l3m.data.transforms)
     if _selection_changed(tuner, uses_mlm):
         ident["tuner_scope"] = "encoder-layers"
     if uses_mlm and cfg.weighting.kind != "fixed":

@@ -81,6 +81,9 @@ class TrainInputs:
     unlabelled_logp: list[np.ndarray] | None = None
     # What a run's identity calls its data: the snapshot fingerprint (+ the corpus when used).
     data_fingerprint: str = ""
+    # The train rows' (text, pair) as the MLM side reads them under a domain's mlm_text
+    # transform (l3m.data.transforms); token_logp then belongs to these. None: the rows' own.
+    mlm_items: list[tuple[str, str | None]] | None = None
 
     def __post_init__(self) -> None:
         self.data_fingerprint = self.data_fingerprint or self.loaded.fingerprint
@@ -170,11 +173,29 @@ def encode_domain(inputs: TrainInputs, tokenizer: PreTrainedTokenizerBase, max_l
 def select_train(train: Dataset, inputs: TrainInputs, rows: list[int]) -> Dataset:
     """The run's train rows with their per-token columns (scores, selective picks) attached."""
     ds = train.select(rows) if len(rows) != train.num_rows else train
-    if inputs.token_logp is not None:
+    if inputs.token_logp is not None and inputs.mlm_items is None:  # else they go to mlm_side
         ds = attach(ds, "token_logp", [inputs.token_logp[i] for i in rows])
     if inputs.selective_mask is not None:
         ds = attach(ds, "selective_mask", [inputs.selective_mask[i] for i in rows])
     return ds
+
+
+def mlm_side(inputs: TrainInputs, train_ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
+             rows: list[int]) -> Dataset:
+    """The MLM side's features of the run's train rows (``train_ds``, carrying ``example_id``):
+    ``train_ds`` itself, or under a text transform the transformed texts' encoding with their
+    scores and the same example ids (the collator's ``mlm_twins`` / independent pool)."""
+    if inputs.mlm_items is None:
+        return train_ds
+    items = [inputs.mlm_items[i] for i in rows]
+    has_pair = inputs.loaded.has_pair
+    data: dict[str, list[Any]] = {"text": [t for t, _ in items]}
+    if has_pair:
+        data["text_pair"] = [p or "" for _, p in items]
+    ds = encode(Dataset.from_dict(data), tokenizer, max_length, has_pair).remove_columns(list(data))
+    if inputs.token_logp is not None:
+        ds = attach(ds, "token_logp", [inputs.token_logp[i] for i in rows])
+    return ds.add_column(EXAMPLE_ID, rows)
 
 
 def encode_pool(inputs: TrainInputs, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
@@ -222,7 +243,8 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
     rows = train_rows(encoded["train"].num_rows, t_cfg.train_limit, seed)
     train_ds = select_train(encoded["train"], inputs, rows).add_column(EXAMPLE_ID, rows)
     strategy = build_masking(masking)
-    missing = [c for c in strategy.columns if c not in train_ds.column_names]
+    mlm_ds = mlm_side(inputs, train_ds, tokenizer, cfg.model.max_length, rows) if strategy.uses_mlm else train_ds
+    missing = [c for c in strategy.columns if c not in mlm_ds.column_names]
     if missing:
         raise ValueError(f"masking {masking.kind!r} needs column(s) {missing}; see l3m.inputs.prepare_inputs")
 
@@ -234,20 +256,22 @@ def train_one(cfg: RunConfig, masking: MaskingSpec, tuner_spec: TunerSpec, seed:
             raise ValueError("l3 with training.use_unlabelled needs scores of the unlabelled texts")
         pool = encode_pool(inputs, tokenizer, cfg.model.max_length)
     elif t_cfg.mlm_batch == "independent" and strategy.uses_mlm:
-        pool = train_ds  # the MLM batch: train rows drawn on their own, with their score columns
+        pool = mlm_ds  # the MLM batch: train rows drawn on their own, with their score columns
 
     torch.manual_seed(seed)  # classifier head init is part of the seed
     model: nn.Module = build_multitask_model(base, loaded.label_names, with_mlm=strategy.uses_mlm,
                                   mlm_weight=t_cfg.mlm_weight, revision=cfg.model.revision)
     apply_head(model, cfg.model.head)
     independent = t_cfg.mlm_batch == "independent"
-    collator = MaskingCollator(tokenizer, strategy, seed=seed, mlm_pool=pool, independent_mlm=independent)
+    twins = {int(f[EXAMPLE_ID]): f for f in mlm_ds} if mlm_ds is not train_ds and pool is not mlm_ds else None
+    collator = MaskingCollator(tokenizer, strategy, seed=seed, mlm_pool=pool, independent_mlm=independent,
+                               mlm_twins=twins)
     eval_collator = MaskingCollator(tokenizer, build_masking(MaskingSpec(kind="none")))
 
     def fisher_batches() -> Any:
         loader = torch.utils.data.DataLoader(train_ds, batch_size=t_cfg.batch_size, shuffle=True,
                                              collate_fn=MaskingCollator(tokenizer, strategy, seed=seed, mlm_pool=pool,
-                                                                        independent_mlm=independent),
+                                                                        independent_mlm=independent, mlm_twins=twins),
                                              generator=torch.Generator().manual_seed(seed))
         return iter(loader)
 
