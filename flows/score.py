@@ -33,6 +33,7 @@ from flows.common import artifact_key, as_config, load_data
 from l3m import experiment
 from l3m.config import RunConfig
 from l3m.data.loading import LoadedDomain
+from l3m.inputs import mlm_corpus, mlm_train_items
 from l3m.modelcheck import check_run_model
 from l3m.scoring import ScoreStats, ScoreStore, score_texts
 
@@ -74,14 +75,14 @@ def plan_items(cfg: RunConfig, loaded: LoadedDomain) -> tuple[dict[str, list[Ite
     n_train = loaded.dataset["train"].num_rows
     if experiment.needs_scores(cfg):
         rows = experiment.needed_train_rows(cfg, n_train)
-        items = experiment.train_items(loaded)
+        items = mlm_train_items(cfg, loaded)  # what the MLM side reads (domain.mlm_text)
         out["train"] = [items[i] for i in rows]
         limit = cfg.training.train_limit
         why.append(f"train: {len(rows)} of {n_train} rows"
                    + (f" (the rows training.train_limit={limit} selects for seeds {cfg.training.seeds})"
                       if len(rows) < n_train else ""))
         if cfg.training.use_unlabelled and loaded.unlabelled:
-            out["unlabelled"] = [(t, None) for t in loaded.unlabelled]
+            out["unlabelled"] = [(t, None) for t in mlm_corpus(cfg, loaded.unlabelled)]
             why.append(f"unlabelled: {len(loaded.unlabelled)} texts (training.use_unlabelled)")
     else:
         why.append("train: not scored (no strategy in this config reads vanilla scores)")

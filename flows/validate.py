@@ -19,6 +19,7 @@ from prefect.cache_policies import NONE
 from flows.common import artifact_key, as_config
 from l3m.config import RunConfig
 from l3m.data.loading import prepare, read_raw
+from l3m.data.remote import forget_downloads
 from l3m.data.report import to_markdown, write_report
 from l3m.data.snapshot import find_snapshot, read_manifest, snapshot_dir, write_snapshot
 from l3m.data.validation import DataValidationError, ValidationReport, validate_domain
@@ -51,6 +52,7 @@ def validate_and_report(cfg: RunConfig) -> tuple[ValidationReport, dict[str, Pat
 @task(name="validate-domain", cache_policy=NONE)
 def validate_task(cfg: RunConfig) -> dict[str, Any]:
     logger = get_run_logger()
+    forget_downloads()  # URL splits: this validation hashes and reads their current content
     existing = find_snapshot(cfg)
     if existing is not None:
         manifest = read_manifest(existing)

@@ -122,6 +122,11 @@ class DomainConfig(Strict):
     labels: list[str] | None = None
     unlabelled: SplitSource | None = None  # plain-text in-domain corpus, one text per line
     metric: Literal["accuracy", "macro_f1"] = "macro_f1"
+    # What the MLM side (vanilla scores, masking, the masked batch) reads of a text; the
+    # classifier always reads it as shipped. "authors": the L3Masking authors' ChemProt
+    # preprocessing (spaces around , . - and the entity markers << >> [[ ]] removed), see
+    # l3m.data.transforms. Not part of the data snapshot; part of MLM runs' identity when set.
+    mlm_text: Literal["raw", "authors"] = "raw"
     split_spec: SplitSpec = Field(default_factory=SplitSpec)
     cleaning: CleaningSpec = Field(default_factory=CleaningSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
@@ -246,6 +251,10 @@ class TrainingSpec(Strict):
     # a fresh head at 1e-3 with weight decay 0.1 against 1e-4 for the pretrained encoder.
     head_lr: float | None = Field(None, gt=0)
     head_weight_decay: float | None = Field(None, ge=0)
+    # True: the head's biases are decayed too (at head_weight_decay), as in the authors' code,
+    # whose head AdamW decays every head parameter (run_mlm_auxiliary_PLT-Masking.py,
+    # classifier_optim with classf_wd 0.1 and no no-decay group). The paper profiles set it.
+    head_bias_decay: bool = False
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
@@ -321,6 +330,9 @@ class RunConfig(Strict):
         if self.training.mlm_batch == "independent" and self.training.use_unlabelled:
             raise ValueError("training.mlm_batch=independent draws MLM texts from train; it does not combine "
                              "with training.use_unlabelled")
+        if self.domain.mlm_text != "raw" and any(s.kind == "selective" for s in self.strategies):
+            raise ValueError(f"domain.mlm_text={self.domain.mlm_text} does not combine with the selective strategy "
+                             "(its picks are rated on the classifier's text); use mlm_text: raw")
         others = [t.kind for t in self.tuners if t.kind != "full"]
         if self.training.stage2 is not None and others:
             raise ValueError(f"training.stage2 runs with the full tuner only (the paper's recipe); remove it or "

@@ -34,6 +34,9 @@ class TrainInputs:
     unlabelled_logp: list[np.ndarray] | None = None
     # What a run's identity calls its data: the snapshot fingerprint (+ the corpus when used).
     data_fingerprint: str = ""
+    # The train rows' (text, pair) as the MLM side reads them under a domain's mlm_text
+    # transform (l3m.data.transforms); token_logp then belongs to these. None: the rows' own.
+    mlm_items: list[tuple[str, str | None]] | None = None
 
     def __post_init__(self) -> None:
         self.data_fingerprint = self.data_fingerprint or self.loaded.fingerprint
@@ -96,11 +99,31 @@ def encode_domain(inputs: TrainInputs, tokenizer: PreTrainedTokenizerBase, max_l
 def select_train(train: Dataset, inputs: TrainInputs, rows: list[int]) -> Dataset:
     """The run's train rows with their per-token columns (scores, selective picks) attached."""
     ds = train.select(rows) if len(rows) != train.num_rows else train
-    if inputs.token_logp is not None:
+    if inputs.token_logp is not None and inputs.mlm_items is None:  # else they go to mlm_side
         ds = attach(ds, "token_logp", [inputs.token_logp[i] for i in rows])
     if inputs.selective_mask is not None:
         ds = attach(ds, "selective_mask", [inputs.selective_mask[i] for i in rows])
     return ds
+
+
+def mlm_side(inputs: TrainInputs, train_ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
+             rows: list[int]) -> Dataset:
+    """The MLM side's features of the run's train rows (``train_ds``, carrying ``example_id``):
+    ``train_ds`` itself, or under a text transform the transformed texts' encoding with their
+    scores and the same example ids (the collator's ``mlm_twins`` / independent pool)."""
+    from l3m.masking.collator import EXAMPLE_ID
+
+    if inputs.mlm_items is None:
+        return train_ds
+    items = [inputs.mlm_items[i] for i in rows]
+    has_pair = inputs.loaded.has_pair
+    data: dict[str, list[Any]] = {"text": [t for t, _ in items]}
+    if has_pair:
+        data["text_pair"] = [p or "" for _, p in items]
+    ds = encode(Dataset.from_dict(data), tokenizer, max_length, has_pair).remove_columns(list(data))
+    if inputs.token_logp is not None:
+        ds = attach(ds, "token_logp", [inputs.token_logp[i] for i in rows])
+    return ds.add_column(EXAMPLE_ID, rows)
 
 
 def encode_pool(inputs: TrainInputs, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:

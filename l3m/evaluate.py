@@ -21,21 +21,26 @@ def _logits(predictions: Any) -> np.ndarray:
     return np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions)
 
 
-def _preds(logits: Any) -> np.ndarray:
-    return _logits(logits).argmax(-1)
+def headline(y_true: Labels, y_pred: Labels, n_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 over the domain's whole label set (ids ``0..n_labels-1``).
 
-
-def headline(y_true: Labels, y_pred: Labels) -> dict[str, float]:
+    ``labels=`` makes macro-F1 average over every declared class, also one a split lacks
+    (ChemProt's test has no example of one train class): without it sklearn averages over the
+    classes present in gold or predictions, so the number of classes averaged would depend on
+    whether the model ever predicts the missing one, and l3m.stats (which uses the whole set)
+    would disagree with the tables.
+    """
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=list(range(n_labels)), average="macro", zero_division=0)),
     }
 
 
 def compute_metrics(eval_pred: Any) -> dict[str, float]:
-    """For ``Trainer(compute_metrics=...)``: the dev metrics early stopping watches."""
-    logits, labels = eval_pred.predictions, eval_pred.label_ids
-    return headline(labels, _preds(logits))
+    """For ``Trainer(compute_metrics=...)``: the dev metrics early stopping watches (the label
+    set is the logits' width: one column per declared class)."""
+    logits = _logits(eval_pred.predictions)
+    return headline(eval_pred.label_ids, logits.argmax(-1), logits.shape[-1])
 
 
 def full_report(y_true: Labels, y_pred: Labels, label_names: list[str]) -> dict[str, Any]:
@@ -49,7 +54,7 @@ def full_report(y_true: Labels, y_pred: Labels, label_names: list[str]) -> dict[
         y_true, y_pred, labels=ids, target_names=label_names, output_dict=True, zero_division=0
     )
     return {
-        **headline(y_true, y_pred),
+        **headline(y_true, y_pred, len(label_names)),
         "n": len(y_true),
         "per_class": {name: per_class[name] for name in label_names},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
@@ -113,7 +118,7 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def majority_baseline(train_labels: Labels, split_labels: dict[str, Labels]) -> dict[str, Any]:
+def majority_baseline(train_labels: Labels, split_labels: dict[str, Labels], n_labels: int) -> dict[str, Any]:
     """The metrics of predicting the train-majority class everywhere: the bar a model must clear.
 
     Macro-F1 of this constant predictor is what a collapsed (one-class) classifier scores, so a
@@ -123,5 +128,5 @@ def majority_baseline(train_labels: Labels, split_labels: dict[str, Labels]) -> 
     majority = int(values[counts.argmax()])
     out: dict[str, Any] = {"label": majority}
     for split, y in split_labels.items():
-        out[split] = headline(y, [majority] * len(y))
+        out[split] = headline(y, [majority] * len(y), n_labels)
     return out

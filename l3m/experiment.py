@@ -189,7 +189,8 @@ def experiment_settings(cfg: RunConfig, loaded: LoadedDomain, train_rows_used: i
 
 def baseline_of(loaded: LoadedDomain) -> dict[str, Any]:
     ds = loaded.dataset
-    base = majority_baseline(ds["train"]["label"], {s: ds[s]["label"] for s in ("dev", "test")})
+    base = majority_baseline(ds["train"]["label"], {s: ds[s]["label"] for s in ("dev", "test")},
+                             len(loaded.label_names))
     base["name"] = loaded.label_names[base["label"]]
     return base
 

@@ -28,13 +28,15 @@ from l3m.config import LORA_FIELDS, MaskingSpec, RunConfig, TunerSpec
 # are trained that makes older runs incomparable).
 # 2: gradient accumulation averages micro-batches (before, the Trainer summed them).
 # 3: MLM texts drawn from a pool (unlabelled corpus, independent MLM batch) are keyed per batch
-#    slot, not drawn from the collator's stream; warmup is a share of the Trainer's own step count.
+#    slot, not drawn from the collator's stream; warmup is a share of the Trainer's own step count;
+#    META-TARTAN's body leaves out the head's parameters (BERT's pooler); macro-F1 averages the
+#    domain's whole label set (a split lacking a class no longer averages fewer classes).
 IDENTITY_VERSION = 3
 # The training code IDENTITY_VERSION was pinned against (``training_code_digest``): a change to
 # these modules fails tests/test_identity.py until it is pinned again, with the version bumped
 # when the change alters what a run computes. ``python -m l3m.identity pin`` does it (it asks
 # for ``--same-results`` to re-pin an unchanged version).
-TRAINING_CODE = {"version": 3, "digest": "389650babba1c4cfb31c78a120e12622bb4f8b695027175d954c505e2616c69a"}
+TRAINING_CODE = {"version": 3, "digest": "a48d2e1bbd2f9c32edae0537b62ff2362a9be20ccd3395e2eb5534135277eecd"}
 TRAINING_MODULES = ("train.py", "run_steps.py", "trainer.py", "stage2.py", "encoding.py", "modeling.py",
                     "optim.py", "evaluate.py", "distributed.py", "masking/*.py", "weighting/*.py", "tuning/*.py")
 RUN_RECORD = "run.json"
@@ -52,6 +54,9 @@ MLM_ONLY = {"mlm_weight", "use_unlabelled", "mlm_batch"}
 # MLM head's gradients unmasked. The runs whose set can differ get the marker, the others keep
 # their identity: STL and weight_mask with the default scope, and every full-tuner run.
 DEFAULT_SCOPE = TunerSpec.model_fields["scope"].default
+# Training settings added after runs existed: left out of the identity at their default, so the
+# runs that never set them keep their identity (and are not retrained).
+LATER_TRAINING_DEFAULTS = {"head_bias_decay": False}
 
 
 def _selection_changed(tuner: TunerSpec, uses_mlm: bool) -> bool:
@@ -87,6 +92,8 @@ def run_identity(cfg: RunConfig, strategy: MaskingSpec, tuner: TunerSpec, seed: 
     """The JSON object whose hash names a run (stored beside it as ``identity.json``)."""
     uses_mlm = strategy.kind != "none"
     training = cfg.training.model_dump(mode="json", exclude={"seeds"} | (set() if uses_mlm else MLM_ONLY))
+    training = {k: v for k, v in training.items()
+                if not (k in LATER_TRAINING_DEFAULTS and v == LATER_TRAINING_DEFAULTS[k])}
     ident: dict[str, Any] = {
         "version": IDENTITY_VERSION,
         "model": model_identity(cfg),
@@ -99,6 +106,8 @@ def run_identity(cfg: RunConfig, strategy: MaskingSpec, tuner: TunerSpec, seed: 
         "data": data_fingerprint,
         "scores": score_key if strategy.kind == "l3" else None,
     }
+    if uses_mlm and cfg.domain.mlm_text != "raw":
+        ident["mlm_text"] = cfg.domain.mlm_text  # what the MLM side reads (l3m.data.transforms)
     if _selection_changed(tuner, uses_mlm):
         ident["tuner_scope"] = "encoder-layers"
     if uses_mlm and cfg.weighting.kind != "fixed":

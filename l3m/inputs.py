@@ -15,6 +15,7 @@ import numpy as np
 
 from l3m.config import RunConfig
 from l3m.data.loading import LoadedDomain, encode_kwargs, load_domain, load_unlabelled
+from l3m.data.transforms import transform_items
 from l3m.encoding import TrainInputs, train_rows
 from l3m.identity import digest
 
@@ -33,7 +34,13 @@ def current_score_key(cfg: RunConfig) -> str | None:
     from l3m.scoring import scorer_key
 
     sc, m = cfg.scoring, cfg.model
-    return scorer_key(m.resolved(), m.revision, sc.metric, m.max_length, sc.mode, sc.stride)
+    return score_set_key(cfg, scorer_key(m.resolved(), m.revision, sc.metric, m.max_length, sc.mode, sc.stride))
+
+
+def score_set_key(cfg: RunConfig, scorer: str) -> str:
+    """The scorer's key, plus the domain's MLM text transform when it has one: the same scorer
+    over transformed texts is another score set (the store itself is keyed by text content)."""
+    return scorer if cfg.domain.mlm_text == "raw" else f"{scorer}+text-{cfg.domain.mlm_text}"
 
 
 def data_identity(loaded: LoadedDomain, unlabelled: list[str] | None) -> str:
@@ -55,9 +62,20 @@ def train_items(loaded: LoadedDomain) -> list[tuple[str, str | None]]:
     return list(zip(list(train["text"]), pairs, strict=True))
 
 
+def mlm_train_items(cfg: RunConfig, loaded: LoadedDomain) -> list[tuple[str, str | None]]:
+    """The train rows as the MLM side reads them: through the domain's ``mlm_text`` transform."""
+    return transform_items(cfg.domain.mlm_text, train_items(loaded))
+
+
+def mlm_corpus(cfg: RunConfig, texts: list[str]) -> list[str]:
+    """The unlabelled corpus as the MLM side reads it (it only ever feeds the MLM side)."""
+    return [t for t, _ in transform_items(cfg.domain.mlm_text, [(t, None) for t in texts])]
+
+
 def score_train(cfg: RunConfig, loaded: LoadedDomain) -> tuple[list[np.ndarray | None], str]:
-    """Vanilla token log-likelihoods of the train rows runs train on (None elsewhere)."""
-    items = train_items(loaded)
+    """Vanilla token log-likelihoods of the train rows runs train on (None elsewhere), of their
+    MLM-side text (``mlm_train_items``)."""
+    items = mlm_train_items(cfg, loaded)
     rows = needed_train_rows(cfg, len(items))
     arrays, key = score_items(cfg, [items[i] for i in rows])
     out: list[np.ndarray | None] = [None] * len(items)
@@ -75,18 +93,21 @@ def score_items(cfg: RunConfig, items: list[tuple[str, str | None]]) -> tuple[li
                          mode=sc.mode, stride=sc.stride, dtype=sc.dtype, device=sc.device,
                          token_budget=sc.token_budget, store=store, revision=model.revision)
     key = scorer_key(model.resolved(), model.revision, sc.metric, model.max_length, sc.mode, sc.stride)
-    return list(arrays), key
+    return list(arrays), score_set_key(cfg, key)
 
 
 def prepare_inputs(cfg: RunConfig, loaded: LoadedDomain | None = None, log: Log = print) -> TrainInputs:
     loaded = loaded or load_domain(cfg.domain)
     inputs = TrainInputs(loaded)
+    if cfg.domain.mlm_text != "raw":
+        inputs.mlm_items = mlm_train_items(cfg, loaded)
     if needs_scores(cfg):
         n = len(needed_train_rows(cfg, loaded.dataset["train"].num_rows))
         log(f"scores: {n} of {loaded.dataset['train'].num_rows} train texts ({cfg.scoring.metric}, {cfg.scoring.mode})")
         inputs.token_logp, inputs.score_key = score_train(cfg, loaded)
     if cfg.training.use_unlabelled:
-        inputs.unlabelled = loaded.unlabelled if loaded.unlabelled is not None else load_unlabelled(cfg.domain)
+        corpus = loaded.unlabelled if loaded.unlabelled is not None else load_unlabelled(cfg.domain)
+        inputs.unlabelled = mlm_corpus(cfg, corpus)
         if not inputs.unlabelled:
             raise ValueError(f"{cfg.domain.name}: training.use_unlabelled is set but the domain has no unlabelled corpus")
         if inputs.token_logp is not None:
@@ -127,7 +148,7 @@ def write_token_view(cfg: RunConfig, inputs: TrainInputs, exp_dir: Path, n: int 
 
     tok = AutoTokenizer.from_pretrained(cfg.model.resolved())
     rows = [i for i, a in enumerate(inputs.token_logp) if a is not None][:n]
-    items = train_items(inputs.loaded)
+    items = mlm_train_items(cfg, inputs.loaded)  # the texts the scores belong to
     toks = [tok.convert_ids_to_tokens(tok(*items[i], **encode_kwargs(cfg.model.max_length))["input_ids"]) for i in rows]
     names = list(inputs.loaded.dataset["train"]["label_name"])
     rate = next((s.rate for s in cfg.strategies if s.kind == "l3"), 0.15)

@@ -44,7 +44,8 @@ def param_groups(model: nn.Module, t_cfg: TrainingSpec,
     A tuner group that sets its own lr (weight_mask's mask scores) keeps it; otherwise body
     parameters get ``lr`` / ``weight_decay`` and head parameters ``head_lr`` /
     ``head_weight_decay`` (each falling back to the body value when unset). Biases and
-    LayerNorm weights are never decayed.
+    LayerNorm weights are not decayed, except the head's under ``head_bias_decay`` (the
+    authors decay every head parameter).
     """
     head = head_param_names(model)
     by_id = {id(p): n for n, p in model.named_parameters()}
@@ -63,7 +64,8 @@ def param_groups(model: nn.Module, t_cfg: TrainingSpec,
         body = [p for p in params if by_id.get(id(p)) not in head]
         heads = [p for p in params if by_id.get(id(p)) in head]
         out.append({**group, "params": body, "lr": t_cfg.lr, "weight_decay": 0.0 if undecayed else t_cfg.weight_decay})
-        out.append({**group, "params": heads, "lr": head_lr, "weight_decay": 0.0 if undecayed else head_wd})
+        head_decay = 0.0 if undecayed and not t_cfg.head_bias_decay else head_wd
+        out.append({**group, "params": heads, "lr": head_lr, "weight_decay": head_decay})
     return [g for g in out if g["params"]]
 
 

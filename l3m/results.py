@@ -18,7 +18,7 @@ import numpy as np
 
 from l3m.data.loading import DataError
 from l3m.evaluate import PREDICTIONS_DIR
-from l3m.stats import INDICATIVE, MIN_SEEDS, Metric, paired_bootstrap
+from l3m.stats import INDICATIVE, MIN_SEEDS, Metric, metric_value, paired_bootstrap, seed_test
 from l3m.train import RUN_RECORD, RunRecord
 
 LABELS = {"none": "STL", "random": "RTM", "selective": "Selective", "l3": "L3"}
@@ -27,7 +27,7 @@ ORDER = {"none": 0, "random": 1, "selective": 2, "l3": 3}
 # pair follows, the more elaborate method first.
 FIRST_PAIRS = [("l3", "random"), ("random", "none"), ("l3", "none")]
 COMPARISON_FIELDS = ["tuner", "pair", "a", "b", "seeds", "metric", "diff", "ci_low", "ci_high", "p_value",
-                     "verdict", "note"]
+                     "verdict", "note", "seed_ci_low", "seed_ci_high", "seed_p_value", "seed_higher", "seed_verdict"]
 
 
 def summarize(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
@@ -145,7 +145,8 @@ def load_test_predictions(run_dir: Path, label_names: list[str] | None) -> tuple
 
 def _skipped(tuner: str, a: str, b: str, metric: str, seeds: int, reason: str) -> dict[str, Any]:
     return {"tuner": tuner, "pair": f"{_label(a)} vs {_label(b)}", "a": a, "b": b, "seeds": seeds, "metric": metric,
-            "diff": None, "ci_low": None, "ci_high": None, "p_value": None, "verdict": "skipped", "note": reason}
+            "diff": None, "ci_low": None, "ci_high": None, "p_value": None, "verdict": "skipped", "note": reason,
+            "seed_ci_low": None, "seed_ci_high": None, "seed_p_value": None, "seed_higher": None, "seed_verdict": None}
 
 
 def compare_strategies(run_dirs: Iterable[Path], metric: Metric = "macro_f1", label_names: list[str] | None = None,
@@ -189,25 +190,43 @@ def compare_strategies(run_dirs: Iterable[Path], metric: Metric = "macro_f1", la
             c = paired_bootstrap(gold, dict(zip(seeds, preds[:len(seeds)], strict=True)),
                                  dict(zip(seeds, preds[len(seeds):], strict=True)), n_labels, metric,
                                  names=(_label(a), _label(b)), n_boot=n_boot)
+            per_seed = [metric_value(gold, p, n_labels, metric) for p in preds]
+            st = seed_test(per_seed[:len(seeds)], per_seed[len(seeds):], names=(_label(a), _label(b)))
             rows.append({"tuner": tuner, "pair": f"{c.a} vs {c.b}", "a": a, "b": b, "seeds": c.seeds, "metric": metric,
                          "diff": c.diff, "ci_low": c.ci_low, "ci_high": c.ci_high, "p_value": c.p_value,
-                         "verdict": c.verdict, "note": INDICATIVE if c.seeds < MIN_SEEDS else ""})
+                         "verdict": c.verdict, "note": INDICATIVE if c.seeds < MIN_SEEDS else "",
+                         "seed_ci_low": st.ci_low, "seed_ci_high": st.ci_high, "seed_p_value": st.p_value,
+                         "seed_higher": st.higher, "seed_verdict": st.verdict})
     return rows
 
 
 def comparisons_markdown(rows: list[dict[str, Any]], metric: str) -> str:
     lines = [f"## Pairwise comparisons (test {metric.replace('_', '-')})", "",
              f"A minus B in points, mean over the seeds both have; 95% paired bootstrap percentile interval over "
-             f"test examples; p: two-sided paired permutation test. Fewer than {MIN_SEEDS} seeds: indicative only.",
-             "", "| pair | tuner | seeds | mean diff | 95% CI | p | verdict |", "|---|---|---|---|---|---|---|"]
+             f"test examples; p: two-sided paired permutation test (both conditional on the trained seeds). "
+             f"Across seeds: a paired t-test on the per-seed differences (95% t interval, p, seeds on which A "
+             f"is higher): does the difference hold for other seeds. Fewer than {MIN_SEEDS} seeds: indicative only.",
+             "", "| pair | tuner | seeds | mean diff | 95% CI | p | verdict | across seeds: 95% CI | p | A higher | "
+             "verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["diff"] is None:
-            lines.append(f"| {r['pair']} | {r['tuner']} | {r['seeds']} | - | - | - | skipped: {r['note']} |")
+            lines.append(f"| {r['pair']} | {r['tuner']} | {r['seeds']} | - | - | - | skipped: {r['note']} "
+                         "| - | - | - | - |")
             continue
         verdict = f"{r['verdict']} {r['note']}".strip()
         lines.append(f"| {r['pair']} | {r['tuner']} | {r['seeds']} | {r['diff']:+.2f} | "
-                     f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {r['p_value']:.4f} | {verdict} |")
+                     f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {r['p_value']:.4f} | {verdict} | "
+                     f"{_seed_cells(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _seed_cells(r: dict[str, Any]) -> str:
+    """The across-seeds columns of a comparison row ('-' where one seed leaves nothing to test)."""
+    seeds = f"{r['seed_higher']}/{r['seeds']}"
+    if r["seed_p_value"] is None or np.isnan(r["seed_p_value"]):
+        return f"- | - | {seeds} | {r['seed_verdict']}"
+    return (f"[{r['seed_ci_low']:+.2f}, {r['seed_ci_high']:+.2f}] | {r['seed_p_value']:.4f} | {seeds} | "
+            f"{r['seed_verdict']}")
 
 
 def write_results(exp_dir: Path, run_dirs: list[Path], title: str = "", header: list[str] | None = None,

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArgumen
 from l3m.config import MaskingSpec, RunConfig, TunerSpec
 from l3m.data.loading import PAIR, TEXT, LoadedDomain
 from l3m.distributed import per_rank_batch, world_size
-from l3m.encoding import TrainInputs, encode_domain, encode_pool, select_train, train_rows
+from l3m.encoding import TrainInputs, encode_domain, encode_pool, mlm_side, select_train, train_rows
 from l3m.evaluate import compute_metrics, full_report, prediction_records
 from l3m.masking import MaskingCollator, MaskingStrategy, build_masking
 from l3m.masking.collator import EXAMPLE_ID
@@ -49,6 +49,9 @@ class RunData:
     train_ds: Dataset
     strategy: MaskingStrategy
     pool: Any = None  # the MLM pool: the unlabelled corpus, or the train rows (independent MLM batch)
+    # The MLM side's rows by example id when a domain's mlm_text transform gives them other texts
+    # (l3m.data.transforms): the collator masks these twins, the classifier reads train_ds.
+    twins: dict[int, Any] | None = None
 
 
 @dataclass
@@ -86,7 +89,8 @@ def run_data(cfg: RunConfig, masking: MaskingSpec, seed: int, inputs: TrainInput
     rows = train_rows(encoded["train"].num_rows, t_cfg.train_limit, seed)
     train_ds = select_train(encoded["train"], inputs, rows).add_column(EXAMPLE_ID, rows)
     strategy = build_masking(masking)
-    missing = [c for c in strategy.columns if c not in train_ds.column_names]
+    mlm_ds = mlm_side(inputs, train_ds, tokenizer, cfg.model.max_length, rows) if strategy.uses_mlm else train_ds
+    missing = [c for c in strategy.columns if c not in mlm_ds.column_names]
     if missing:
         raise ValueError(f"masking {masking.kind!r} needs column(s) {missing}; see l3m.inputs.prepare_inputs")
     pool = None
@@ -97,8 +101,9 @@ def run_data(cfg: RunConfig, masking: MaskingSpec, seed: int, inputs: TrainInput
             raise ValueError("l3 with training.use_unlabelled needs scores of the unlabelled texts")
         pool = encode_pool(inputs, tokenizer, cfg.model.max_length)
     elif t_cfg.mlm_batch == "independent" and strategy.uses_mlm:
-        pool = train_ds  # the MLM batch: train rows drawn on their own, with their score columns
-    return RunData(tokenizer, encoded, rows, train_ds, strategy, pool)
+        pool = mlm_ds  # the MLM batch: train rows drawn on their own, with their score columns
+    twins = {int(f[EXAMPLE_ID]): f for f in mlm_ds} if mlm_ds is not train_ds and pool is not mlm_ds else None
+    return RunData(tokenizer, encoded, rows, train_ds, strategy, pool, twins)
 
 
 def build_parts(cfg: RunConfig, tuner_spec: TunerSpec, seed: int, data: RunData, label_names: list[str]) -> RunParts:
@@ -110,7 +115,8 @@ def build_parts(cfg: RunConfig, tuner_spec: TunerSpec, seed: int, data: RunData,
     independent = t_cfg.mlm_batch == "independent"
 
     def train_collator() -> MaskingCollator:
-        return MaskingCollator(data.tokenizer, strategy, seed=seed, mlm_pool=data.pool, independent_mlm=independent)
+        return MaskingCollator(data.tokenizer, strategy, seed=seed, mlm_pool=data.pool, independent_mlm=independent,
+                               mlm_twins=data.twins)
 
     def fisher_batches() -> Any:
         loader = torch.utils.data.DataLoader(data.train_ds, batch_size=t_cfg.batch_size, shuffle=True,

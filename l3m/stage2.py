@@ -65,8 +65,9 @@ def run_stage2(stage1_model: torch.nn.Module, t_cfg: TrainingSpec, spec: Stage2S
     """
     model = MultiTaskModel(copy.deepcopy(find_classifier(stage1_model)), None)
     args = stage2_args(t_cfg, spec, out_dir, seed, metric, mixed_precision)
-    # One lr for every parameter, the authors' stage-2 optimiser (head lr does not apply).
-    flat = t_cfg.model_copy(update={"lr": spec.lr, "head_lr": None, "head_weight_decay": None})
+    # One lr for every parameter, the authors' stage-2 optimiser (head lr does not apply; their
+    # stage-2 groups leave every bias undecayed, the head's too).
+    flat = t_cfg.model_copy(update={"lr": spec.lr, "head_lr": None, "head_weight_decay": None, "head_bias_decay": False})
     groups = param_groups(model, flat)
     optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=(t_cfg.adam_beta1, t_cfg.adam_beta2),
                                   eps=t_cfg.adam_epsilon)

@@ -9,6 +9,9 @@ it from per-class counts. Those counts are linear in the resample's per-example 
 and a run's true positives follow from the gold counts and its misses, so each run only needs
 products over the examples it gets wrong (and a permutation swap only over the examples where
 the two runs disagree): 10,000 resamples cost a few small matrix products, not a Python loop.
+
+That interval is conditional on the trained seeds. ``seed_test`` asks the other question,
+whether the difference holds across seeds: a paired t-test on the per-seed differences.
 """
 
 from __future__ import annotations
@@ -164,3 +167,53 @@ def paired_bootstrap(gold: np.ndarray, a: Mapping[int, np.ndarray], b: Mapping[i
     return Comparison(a=names[0], b=names[1], metric=metric, seeds=len(seeds), diff=100 * diff, ci_low=lo,
                       ci_high=hi, p_value=p_value, verdict=verdict(*names, lo, hi, p_value),
                       n_examples=n, n_boot=n_boot)
+
+
+@dataclass(frozen=True)
+class SeedTest:
+    """A minus B across seeds: each seed's difference on the full test set, in points."""
+
+    seeds: int
+    diff: float  # mean over the seeds
+    ci_low: float  # the t interval of that mean (NaN below two seeds)
+    ci_high: float
+    p_value: float  # two-sided paired t-test over seeds (NaN below two seeds)
+    higher: int  # seeds on which A scores above B
+    verdict: str
+
+
+def seed_test(a: Sequence[float], b: Sequence[float], names: tuple[str, str] = ("A", "B"), level: float = 0.95,
+              alpha: float = 0.05) -> SeedTest:
+    """Does A's advantage hold across training seeds? A paired t-test on per-seed differences.
+
+    The bootstrap above is conditional on the trained seeds: it asks whether these runs differ on
+    this test set. Here the unit is the seed (``a[i]`` / ``b[i]``: the two strategies' metric for
+    the same seed, which shares their train subsample and data order), so the question is whether
+    another seed would be expected to show the difference too. A paired t-test, not a sign-flip or
+    Wilcoxon test: with 5 seeds those have 2^5 equally likely sign patterns, so their smallest
+    two-sided p is 1/16 and they could never detect anything at 0.05.
+    """
+    from scipy import stats as sps
+
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} seeds of {names[0]} but {len(b)} of {names[1]}: pair them by seed")
+    d = 100 * (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+    n, mean = len(d), float(d.mean()) if len(d) else 0.0
+    higher = int((d > 0).sum())
+    nan = float("nan")
+    if n < 2:
+        return SeedTest(n, mean, nan, nan, nan, higher, "not tested (one seed)")
+    sd = float(d.std(ddof=1))
+    if sd == 0.0:  # every seed differs by the same amount: no spread to test against
+        p = 1.0 if mean == 0.0 else 0.0
+        lo = hi = mean
+    else:
+        se = sd / n**0.5
+        p = float(2 * sps.t.sf(abs(mean) / se, n - 1))
+        half = float(sps.t.ppf(0.5 + level / 2, n - 1)) * se
+        lo, hi = mean - half, mean + half
+    if p >= alpha:
+        verdict = f"{NO_DIFFERENCE} across seeds"
+    else:
+        verdict = f"{names[0]} {'>' if mean > 0 else '<'} {names[1]} across seeds"
+    return SeedTest(n, mean, lo, hi, p, higher, verdict)

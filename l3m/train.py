@@ -45,6 +45,7 @@ from l3m.encoding import (  # noqa: F401  (re-exported: the historical home of t
     encode_domain,
     encode_pool,
     global_word_ids,
+    mlm_side,
     select_train,
     train_rows,
 )

@@ -111,7 +111,7 @@ def metric_of(names: list[str], gold: list[str], predicted: list[str], metric: s
     from l3m.evaluate import headline
 
     ids = {n: i for i, n in enumerate(names)}
-    return headline([ids[g] for g in gold], [ids[p] for p in predicted])[metric]
+    return headline([ids[g] for g in gold], [ids[p] for p in predicted], len(names))[metric]
 
 
 def dev_metric(names: list[str], gold: list[str], predicted: list[str], metric: str) -> float:

@@ -43,6 +43,28 @@ def test_param_groups_carry_the_configured_lrs(tiny_mlm_dir):
     assert {g["lr"] for g in flat} == {2e-5}
 
 
+def test_head_bias_decay_decays_the_heads_biases_as_the_authors(tiny_mlm_dir, domain):  # noqa: F811
+    """The authors' head AdamW (classf_wd 0.1) has no no-decay group: the paper profiles decay
+    the head's biases too; the body's biases and LayerNorm stay undecayed."""
+    from l3m.identity import run_identity
+
+    model = _model(tiny_mlm_dir)
+    t = TrainingSpec(lr=1e-4, weight_decay=0.01, head_lr=1e-3, head_weight_decay=0.1, head_bias_decay=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    head = head_param_names(model)
+    decay = {names[id(p)]: g["weight_decay"] for g in param_groups(model, t) for p in g["params"]}
+    assert {decay[n] for n in head} == {0.1} and "classifier_model.bert.pooler.dense.bias" in head
+    assert {v for n, v in decay.items() if n not in head and ("bias" in n or "LayerNorm" in n)} == {0.0}
+    for name in ("chemprot-roberta", "chemprot-minilm", "citation_intent-roberta", "citation_intent-minilm"):
+        assert load_config(f"configs/paper/{name}.yaml").training.head_bias_decay, name
+    # A new setting: part of the identity when set, absent at its default (older runs keep theirs).
+    cfg = RunConfig(domain=domain)
+    ident = run_identity(cfg, MaskingSpec(kind="none"), TunerSpec(), 1, "fp", None)
+    assert "head_bias_decay" not in ident["training"]
+    on = cfg.model_copy(update={"training": cfg.training.model_copy(update={"head_bias_decay": True})})
+    assert run_identity(on, MaskingSpec(kind="none"), TunerSpec(), 1, "fp", None)["training"]["head_bias_decay"]
+
+
 def test_tuner_groups_with_their_own_lr_are_kept(tiny_mlm_dir):
     model = _model(tiny_mlm_dir, with_mlm=False)
     extra = torch.nn.Parameter(torch.zeros(3))

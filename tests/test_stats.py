@@ -79,13 +79,36 @@ def test_only_seeds_both_strategies_have_are_compared(gold):
         stats.paired_bootstrap(gold, {1: a[2]}, {2: b[2]}, N_LABELS)
 
 
+def test_macro_f1_averages_every_declared_class_also_one_the_split_lacks():
+    """ChemProt's test split lacks a train class: the tables' macro-F1 (l3m.evaluate) and the
+    comparisons' (l3m.stats) must both average over the whole label set, whether or not a
+    model ever predicts the missing class."""
+    from types import SimpleNamespace
+
+    from l3m.evaluate import compute_metrics, full_report, majority_baseline
+
+    gold = np.array([0, 0, 1, 1, 1, 0])  # class 2 declared, absent from this split
+    never = np.array([0, 1, 1, 1, 0, 0])  # predicts only the present classes
+    once = np.array([0, 1, 1, 2, 0, 0])  # predicts the absent class once
+    for pred in (never, once):
+        table = headline(gold, pred, 3)["macro_f1"]
+        assert table == pytest.approx(stats.metric_value(gold, pred, 3, "macro_f1"), abs=1e-12)
+        assert table == pytest.approx(f1_score(gold, pred, labels=[0, 1, 2], average="macro", zero_division=0))
+        assert full_report(gold, pred, ["a", "b", "c"])["macro_f1"] == pytest.approx(table)
+        logits = np.eye(3)[pred]
+        assert compute_metrics(SimpleNamespace(predictions=logits, label_ids=gold))["macro_f1"] == pytest.approx(table)
+    # Three classes averaged, not two: the F1s of classes 0 and 1 over 3.
+    assert headline(gold, never, 3)["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 3)
+    assert majority_baseline([0, 0, 1], {"test": gold}, 3)["test"]["macro_f1"] == pytest.approx((2 / 3) / 3)
+
+
 def test_macro_f1_is_sklearns_and_evaluates_on_the_full_sample():
     rng = np.random.default_rng(7)
     gold, pred = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
     value = stats.metric_value(gold, pred, 5, "macro_f1")
     assert value == pytest.approx(f1_score(gold, pred, average="macro"), abs=1e-12)
-    assert value == pytest.approx(headline(gold, pred)["macro_f1"], abs=1e-12)
-    assert stats.metric_value(gold, pred, 5, "accuracy") == pytest.approx(headline(gold, pred)["accuracy"])
+    assert value == pytest.approx(headline(gold, pred, 5)["macro_f1"], abs=1e-12)
+    assert stats.metric_value(gold, pred, 5, "accuracy") == pytest.approx(headline(gold, pred, 5)["accuracy"])
     # Over the domain's label set: a label nobody predicts nor has counts as F1 0, as in sklearn.
     assert stats.metric_value(gold, pred, 7, "macro_f1") == pytest.approx(
         f1_score(gold, pred, labels=range(7), average="macro", zero_division=0), abs=1e-12)
@@ -184,6 +207,41 @@ def test_five_paired_seeds_are_not_flagged(tmp_path):
     assert rows[0]["verdict"] == "L3 > STL (CI excludes 0)" and rows[0]["note"] == ""
 
 
+def test_seed_test_is_a_paired_t_test_over_seeds():
+    from scipy.stats import ttest_rel
+
+    a, b = [0.71, 0.69, 0.74, 0.70, 0.72], [0.60, 0.62, 0.61, 0.59, 0.63]
+    st = stats.seed_test(a, b, names=("L3", "STL"))
+    assert st.p_value == pytest.approx(ttest_rel(a, b).pvalue) and st.p_value < 0.05
+    assert st.verdict == "L3 > STL across seeds" and st.higher == 5 and st.ci_low > 0
+    assert st.diff == pytest.approx(100 * (np.mean(a) - np.mean(b)))
+    mixed = stats.seed_test([0.80, 0.50, 0.78, 0.52, 0.79], [0.6] * 5, names=("L3", "STL"))
+    assert mixed.verdict == "no detectable difference across seeds" and mixed.higher == 3
+    assert mixed.ci_low < 0 < mixed.ci_high
+    assert stats.seed_test([0.7], [0.6]).verdict == "not tested (one seed)"
+    with pytest.raises(ValueError, match="pair them by seed"):
+        stats.seed_test([0.7, 0.6], [0.6])
+
+
+def test_a_verdict_says_whether_it_holds_across_seeds(tmp_path):
+    """Pooled over 400 test examples x 5 seeds, L3's mean advantage is clear to the example-level
+    bootstrap, but it wins on 3 seeds and loses on 2: across seeds nothing is detectable."""
+    gold = np.random.default_rng(0).integers(0, 3, 400)
+    rng = np.random.default_rng(1)
+    dirs = []
+    for strategy, skills in {"none": [0.6] * 5, "l3": [0.80, 0.50, 0.78, 0.52, 0.79]}.items():
+        for seed, right in enumerate(skills):
+            d = RunKey(strategy, "full", seed, f"{strategy}{seed}".ljust(64, "0")).path(tmp_path)
+            _write_run(d, strategy, seed, gold, _correct_on(gold, right, rng))
+            dirs.append(d)
+    (row,) = results.compare_strategies(dirs, "accuracy", LABEL_NAMES, n_boot=1000)
+    assert row["verdict"] == "L3 > STL (CI excludes 0)"
+    assert row["seed_verdict"] == "no detectable difference across seeds" and row["seed_higher"] == 3
+    assert row["seed_p_value"] > 0.05 and row["seed_ci_low"] < 0 < row["seed_ci_high"]
+    md = results.comparisons_markdown([row], "accuracy")
+    assert "| L3 > STL (CI excludes 0) | [" in md and "| 3/5 | no detectable difference across seeds |" in md
+
+
 def test_a_pair_with_a_run_without_predictions_is_skipped_with_the_reason(tmp_path):
     seeds = {"none": [1, 2], "random": [1, 2], "l3": [1, 2]}
     dirs = _runs(tmp_path, seeds, {"none": 0.5, "random": 0.6, "l3": 0.7}, missing={("none", 2)})
@@ -194,6 +252,7 @@ def test_a_pair_with_a_run_without_predictions_is_skipped_with_the_reason(tmp_pa
         assert "no test predictions stored in none-full-seed2-" in rows[pair]["note"]
     md = results.comparisons_markdown(list(rows.values()), "macro_f1")
     assert "| RTM vs STL | full | 2 | - | - | - | skipped: no test predictions stored in none-full-seed2-" in md
+    assert md.count("| - | - | - | - |") == 2  # nor across seeds
 
 
 def test_a_prediction_outside_the_label_set_names_file_line_and_field(tmp_path):

@@ -27,17 +27,25 @@ def tiny_model(tiny_mlm_dir):
     return tiny_mlm_dir
 
 
-@pytest.fixture(scope="module")
-def domain(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("dev", 16), ("test", 16)):
+def write_domain(root, name, sizes, row, **domain):
+    """A domain of JSONL splits (``sizes``: split -> rows) whose i-th row is ``row(i)``."""
+    for split, n in sizes.items():
         with open(root / f"{split}.jsonl", "w") as fh:
             for i in range(n):
-                label = ("pos", "neg")[i % 2]
-                words = rng.choice(WORDS[label], 4).tolist() + ["the", "film", "was", str(i)]
-                fh.write(json.dumps({"text": " ".join(rng.permutation(words)), "label": label}) + "\n")
-    return DomainConfig(name="toy", data_root=str(root), splits={s: {"path": f"{s}.jsonl"} for s in ("train", "dev", "test")})
+                fh.write(json.dumps(row(i)) + "\n")
+    return DomainConfig(name=name, data_root=str(root), splits={s: {"path": f"{s}.jsonl"} for s in sizes}, **domain)
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory):
+    rng = np.random.default_rng(0)
+
+    def row(i):
+        label = ("pos", "neg")[i % 2]
+        words = rng.choice(WORDS[label], 4).tolist() + ["the", "film", "was", str(i)]
+        return {"text": " ".join(rng.permutation(words)), "label": label}
+
+    return write_domain(tmp_path_factory.mktemp("data"), "toy", {"train": 48, "dev": 16, "test": 16}, row)
 
 
 def _cfg(domain, tiny_model, tmp_path):

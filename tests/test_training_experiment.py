@@ -55,7 +55,7 @@ def test_results_table_aggregates_exactly_the_given_runs(tmp_path):
 
 
 def test_majority_baseline_is_what_a_collapsed_classifier_scores():
-    base = majority_baseline([0, 0, 0, 1, 2], {"dev": [0, 1, 2, 0]})
+    base = majority_baseline([0, 0, 0, 1, 2], {"dev": [0, 1, 2, 0]}, 3)
     assert base["label"] == 0
     assert base["dev"]["accuracy"] == pytest.approx(0.5)
     assert base["dev"]["macro_f1"] == pytest.approx((2 / 3) / 3)  # F1 2/3 on class 0, 0 on the others

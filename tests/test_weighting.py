@@ -17,7 +17,7 @@ from l3m.data.loading import load_domain
 from l3m.modeling import build_multitask_model
 from l3m.train import TrainInputs, train_one
 from l3m.weighting import build_weighting, registered_weightings
-from l3m.weighting.meta_tartan import MetaTartan, cosine
+from l3m.weighting.meta_tartan import MetaTartan, body_parameters, cosine
 from l3m.weighting.report import WEIGHTS_LOG, WEIGHTS_PLOT
 
 META = WeightingSpec(kind="meta_tartan")
@@ -58,11 +58,10 @@ class ToyMultiTask(nn.Module):
         cfg = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=16, max_position_embeddings=16, num_labels=2)
         self.classifier_model = BertForSequenceClassification(cfg)
-        body = list(self.classifier_model.base_model.parameters())
-        self.direction = [torch.randn_like(p) for p in body]
+        self.direction = [torch.randn_like(p) for p in body_parameters(self)]
 
     def task_losses(self, **_: object) -> tuple[dict[str, torch.Tensor], None]:
-        body = self.classifier_model.base_model.parameters()
+        body = body_parameters(self)
         along = sum((p * d).sum() for p, d in zip(body, self.direction, strict=True))
         head = self.classifier_model.classifier.weight.sum()
         return {"cls": along + head, "mlm": -2.0 * along}, None
@@ -88,7 +87,7 @@ def test_meta_tartan_moves_weight_toward_the_task_agreeing_with_dev():
             meta.accumulate(model, {}, accum=2, ctx=nullcontext)
         # p.grad = sum_t w_t g_t / accum over the two micro-batches: (w_cls - 2 w_mlm) * direction.
         w = meta.weights()
-        body = list(model.classifier_model.base_model.parameters())
+        body = body_parameters(model)
         assert torch.allclose(body[0].grad, (w["cls"] - 2 * w["mlm"]) * model.direction[0], atol=1e-6)
         model.zero_grad()
         meta.update(step)
@@ -99,6 +98,25 @@ def test_meta_tartan_moves_weight_toward_the_task_agreeing_with_dev():
     # One step: logits move by meta_lr * cos (grad -cos/accum summed over accum micro-batches).
     assert meta.logits.tolist() == pytest.approx([1.5, -1.5])
     assert [r["step"] for r in meta.log] == [1, 2, 3] and meta.log[0]["weight_cls"] == 0.5
+
+
+def test_meta_tartan_body_is_the_encoder_without_the_heads_pooler(tiny_model):  # noqa: F811
+    """BERT's pooler is the authors' head's dense+tanh (re-initialised, l3m.optim): outside the
+    body, so every body parameter has a dev gradient and the cosine has no cls-only part."""
+    from l3m.optim import apply_head
+
+    model = build_multitask_model(str(tiny_model), ["neg", "pos"], with_mlm=True, mlm_weight=1.0)
+    apply_head(model, "authors")
+    encoder = model.classifier_model.base_model
+    names = {id(p): n for n, p in encoder.named_parameters()}
+    body = body_parameters(model)
+    assert {names[id(p)].split(".")[0] for p in body} == {"embeddings", "encoder"}
+    assert {n for n in names.values() if n.startswith("pooler.")} == {"pooler.dense.weight", "pooler.dense.bias"}
+    assert len(body) == len(names) - 2
+    meta = MetaTartan(WeightingSpec(kind="meta_tartan", head_iters=2), 1.0, seed=1)
+    meta.prepare(_dev_rows(8), _collate)
+    grads = meta.dev_gradient(encoder, body, 2, nullcontext)
+    assert all(g is not None for g in grads)
 
 
 def test_cosine_of_a_zero_gradient_is_zero():

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
-from datasets import config as datasets_config
 
 from l3m.config import DomainConfig, SplitSource
 from l3m.data.cleaning import StepCount, carve, clean_corpus, clean_splits, drop_leaked, split_status
 from l3m.data.columns import LABEL, LINE, PAIR, SPLITS, TEXT
+from l3m.data.remote import DownloadError, local_copy
 
 __all__ = ["LABEL", "LINE", "PAIR", "SPLITS", "TEXT", "DataError", "LoadedDomain", "PreparedDomain", "RawDomain",
            "build_domain", "load_domain", "load_unlabelled", "prepare", "read_raw"]
@@ -105,37 +105,42 @@ def _first_bad_json_line(path: str) -> tuple[int, str] | None:
     return None
 
 
+def _local(location: str) -> str:
+    """The local file holding ``location``'s bytes (a URL's content-addressed download)."""
+    try:
+        return local_copy(location)
+    except DownloadError as e:
+        raise DataError(str(e)) from None
+
+
 def _read_table(location: str, fmt: str) -> pd.DataFrame:
-    """Read one file through ``datasets.load_dataset`` (local path or URL)."""
-    is_url = "://" in location
-    if is_url and datasets_config.HF_HUB_OFFLINE:
-        raise DataError(f"{location}: a URL, but offline mode is on (HF_DATASETS_OFFLINE=1 or HF_HUB_OFFLINE=1); "
-                        "download the file and give its local path, or turn offline mode off")
-    if not is_url:
-        if not os.path.exists(location):
-            raise DataError(f"{location}: file not found")
-        if os.path.isdir(location):
-            raise DataError(f"{location}: is a directory; a split path must name a data file")
-        try:
-            data = Path(location).read_bytes()
-        except PermissionError:
-            raise DataError(f"{location}: cannot be read (permission denied)") from None
-        if not data:
-            raise DataError(f"{location}: file is empty")
-        bad_text = _first_bad_utf8_line(data) if fmt != "parquet" else None
-        if bad_text is not None:
-            raise DataError(f"{location}: line {bad_text[0]}: {bad_text[1]}")
+    """Read one file through ``datasets.load_dataset`` (a URL from its downloaded copy, the
+    bytes its snapshot id hashed); messages name ``location``."""
+    path = _local(location)
+    if not os.path.exists(path):
+        raise DataError(f"{location}: file not found")
+    if os.path.isdir(path):
+        raise DataError(f"{location}: is a directory; a split path must name a data file")
+    try:
+        data = Path(path).read_bytes()
+    except PermissionError:
+        raise DataError(f"{location}: cannot be read (permission denied)") from None
+    if not data:
+        raise DataError(f"{location}: file is empty")
+    bad_text = _first_bad_utf8_line(data) if fmt != "parquet" else None
+    if bad_text is not None:
+        raise DataError(f"{location}: line {bad_text[0]}: {bad_text[1]}")
     builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}[fmt]
     try:
-        ds = load_dataset(builder, data_files=location, split="train")
+        ds = load_dataset(builder, data_files=path, split="train")
     except Exception as e:  # datasets wraps parser errors in several exception types
-        if fmt in ("jsonl", "json") and not is_url:
-            bad = _first_bad_json_line(location)
+        if fmt in ("jsonl", "json"):
+            bad = _first_bad_json_line(path)
             if bad is not None:
                 raise DataError(f"{location}: line {bad[0]}: {bad[1]}") from None
             # Valid JSON whose columns change type between rows (e.g. a number among texts):
             # Arrow refuses it; read the objects as they are so validation can point at them.
-            with open(location, encoding="utf-8") as fh:
+            with open(path, encoding="utf-8") as fh:
                 rows = [json.loads(line) for line in fh if line.strip()]
             if not rows:
                 raise DataError(f"{location}: no records") from None
@@ -177,10 +182,10 @@ def _source_lines(location: str, fmt: str, n_rows: int) -> tuple[list[int], str]
     counted here, from the file itself, rather than inside the reader.
     """
     records = (list(range(1, n_rows + 1)), "record")
-    if "://" in location or fmt == "parquet":
+    if fmt == "parquet":
         return records
     lines: list[int] = []
-    with open(location, encoding="utf-8", errors="replace", newline="") as fh:
+    with open(_local(location), encoding="utf-8", errors="replace", newline="") as fh:
         if fmt == "csv":
             reader, end, header_seen = csv.reader(fh), 0, False
             for row in reader:
@@ -196,9 +201,10 @@ def _source_lines(location: str, fmt: str, n_rows: int) -> tuple[list[int], str]
 
 def read_corpus(location: str) -> list[str]:
     """Every physical line of a plain-text corpus (blank lines kept, so index + 1 is the line)."""
-    if not os.path.exists(location):
+    path = _local(location)
+    if not os.path.exists(path):
         raise DataError(f"{location}: unlabelled corpus not found")
-    data = Path(location).read_bytes()
+    data = Path(path).read_bytes()
     # Split on newlines only (not str.splitlines' form feeds and U+2028), as an editor numbers lines.
     parts = data.split(b"\n")
     if parts and parts[-1] == b"":

@@ -27,7 +27,8 @@ import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from l3m.config import DomainConfig, RunConfig
-from l3m.data.loading import LABEL, PAIR, SPLITS, TEXT, LoadedDomain, PreparedDomain, build_domain
+from l3m.data.loading import LABEL, PAIR, SPLITS, TEXT, DataError, LoadedDomain, PreparedDomain, build_domain
+from l3m.data.remote import DownloadError, content_digest, is_url
 from l3m.scoring.keys import file_digest
 
 MANIFEST = "manifest.json"
@@ -37,10 +38,15 @@ _DATA_CODE = Path(__file__).resolve().parent
 
 
 def _digest_file(location: str) -> str:
+    if is_url(location):
+        # By content, not address: the file behind a URL can change (l3m.data.remote). Fetched
+        # once per process, so the reader parses the bytes hashed here.
+        try:
+            return content_digest(location)
+        except DownloadError as e:
+            raise DataError(str(e)) from None
     p = Path(location)
-    if "://" in location or not p.is_file():
-        # URLs hash by address (their bytes are not fetched twice); a missing file by name
-        # (reading it fails with its own message right after).
+    if not p.is_file():  # by name: reading it fails with its own message right after
         return "location:" + location
     try:
         return file_digest(p)  # the score keys' digest, cached per (path, size, mtime)
@@ -61,7 +67,8 @@ def snapshot_id(cfg: DomainConfig) -> str:
     files: dict[str, str] = {split: _digest_file(cfg.resolve(src.path)) for split, src in sorted(cfg.splits.items())}
     if cfg.unlabelled is not None:
         files["unlabelled"] = _digest_file(cfg.resolve(cfg.unlabelled.path))
-    blob = {"domain": cfg.model_dump(mode="json"), "files": files, "code": code_digest()}
+    # mlm_text changes what the MLM side reads, not the validated rows: runs carry it instead.
+    blob = {"domain": cfg.model_dump(mode="json", exclude={"mlm_text"}), "files": files, "code": code_digest()}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 

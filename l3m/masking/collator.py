@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +131,10 @@ class MaskingCollator:
     # True: the MLM batch is drawn from the pool alone, independently of the classification
     # batch (the L3Masking authors' setup: their MLM iterator runs over the task texts on its own).
     independent_mlm: bool = False
+    # The MLM side's features of each train row by example id, when they differ from the
+    # classification features (a domain's MLM text transform, l3m.data.transforms): the masked
+    # copy of a batch is then built from these, padded on its own.
+    mlm_twins: Mapping[int, dict[str, Any]] | None = None
     stats: MaskingStats = field(default_factory=MaskingStats)
     epoch: int = 0  # part of the keyed draws' key; the Trainer's callback advances it
 
@@ -182,12 +186,17 @@ class MaskingCollator:
         if not self.strategy.uses_mlm:
             return batch
         keys: list[int | str | None] = list(ids)
+        separate = self.mlm_twins is not None
+        if self.mlm_twins is not None:
+            features = [self.mlm_twins[int(f[EXAMPLE_ID])] for f in features]
         if self.mlm_pool is not None and len(self.mlm_pool) > 0:
             # MLM on the batch's texts plus as many texts drawn (seeded) from the unlabelled
             # in-domain corpus; that batch is padded on its own.
             drawn, slots = self._draw_pool(ids)
             features = drawn if self.independent_mlm else list(features) + drawn
             keys = slots if self.independent_mlm else keys + slots
+            separate = True
+        if separate:
             mlm_batch, view = self._pad(features)
             batch["mlm_attention_mask"] = mlm_batch["attention_mask"]
             if "token_type_ids" in mlm_batch:

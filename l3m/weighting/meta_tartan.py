@@ -26,6 +26,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from l3m.config import WeightingSpec
+from l3m.optim import head_param_names
 from l3m.tuning.base import find_classifier
 from l3m.weighting.base import TASKS, Collate, LossWeighting, register_weighting
 
@@ -68,6 +69,23 @@ def cosine(a: Grads, b: Grads) -> float:
         if x is not None and y is not None:
             dot += float((x.double() * y.double()).sum())
     return 0.0 if na == 0.0 or nb == 0.0 else dot / (na**0.5 * nb**0.5)
+
+
+def body_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The body whose task and dev gradients are compared: the encoder's trainable parameters
+    minus the classification head's.
+
+    The authors' body is their ``_text_field_embedder`` (scripts/utils.py ``get_body_end``), the
+    pretrained encoder; their head (first-token pooler + feed-forward) is outside it. In a
+    BERT-family classifier the head's dense+tanh is the base model's ``pooler``
+    (``l3m.optim.head_param_names``): counted in the body it would add a classification-only
+    gradient that the dev gradient (read from the last hidden state) never has, deflating
+    cos(cls, dev).
+    """
+    head = head_param_names(model)
+    head_ids = {id(p) for n, p in model.named_parameters() if n in head}
+    encoder = find_classifier(model).base_model
+    return [p for p in encoder.parameters() if p.requires_grad and id(p) not in head_ids]
 
 
 class MetaTartan(LossWeighting):
@@ -178,7 +196,7 @@ class MetaTartan(LossWeighting):
         clf = find_classifier(model)
         encoder = clf.base_model
         params = [p for p in model.parameters() if p.requires_grad]
-        body_ids = {id(p) for p in encoder.parameters() if p.requires_grad}
+        body_ids = {id(p) for p in body_parameters(model)}
         body_at = [i for i, p in enumerate(params) if id(p) in body_ids]
         if not body_at:
             raise ValueError("weighting.kind=meta_tartan compares gradients on the encoder, but no encoder "
