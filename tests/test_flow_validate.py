@@ -94,6 +94,9 @@ def test_a_skipped_validation_links_its_own_snapshots_report(prefect_harness, to
     broken = _broken(toy_domain, tmp_path)
     with pytest.raises(DataValidationError):  # another version of the data fails, and writes its report
         validate(str(broken))
+    from flows.validate import report_dir
+
+    failing = report_dir(as_config(broken, [])) / "validation.json"  # named by the broken data's bytes
     test_file.write_bytes(good_bytes)  # back to the validated data: validation is skipped
     again = validate(str(config))
     assert again["cached"] and again["snapshot"] == first["snapshot"]
@@ -101,8 +104,6 @@ def test_a_skipped_validation_links_its_own_snapshots_report(prefect_harness, to
     assert Path(again["report"]).parent == Path(first["json"]).parent
     assert Path(first["snapshot"]).name == Path(first["json"]).parent.name
 
-    from flows.validate import report_dir
-
-    failing = report_dir(as_config(broken, [])) / "validation.json"
+    assert failing.parent != Path(first["json"]).parent
     assert json.loads(failing.read_text())["passed"] is False
     assert failing.parent.parent == Path(first["json"]).parent.parent != failing.parent  # side by side
