@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 from l3m.config import load_config  # noqa: E402
 from l3m.data.loading import encode_kwargs, load_domain  # noqa: E402
-from l3m.data.transforms import transform_items  # noqa: E402
+from l3m.data.transforms import MARKERS, transform_items  # noqa: E402
 from l3m.masking.l3 import calibrated_probs, paper_probs, surprisal  # noqa: E402
 from l3m.scoring import ScoreStore, score_texts  # noqa: E402
 
-MARKER = re.compile(r"<<|>>|\[\[|\]\]")
+MARKER = re.compile("|".join(map(re.escape, MARKERS)))
 
 
 def marker_tokens(tokenizer: object, text: str, max_length: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from l3m.data.remote import forget_downloads
 from l3m.data.report import to_markdown, write_report
 from l3m.data.snapshot import find_snapshot, read_manifest, snapshot_dir, write_snapshot
 from l3m.data.validation import DataValidationError, ValidationReport, validate_domain
+from l3m.scoring.keys import hub_commit
 
 
 def report_dir(cfg: RunConfig) -> Path:
@@ -53,6 +54,7 @@ def validate_and_report(cfg: RunConfig) -> tuple[ValidationReport, dict[str, Pat
 def validate_task(cfg: RunConfig) -> dict[str, Any]:
     logger = get_run_logger()
     forget_downloads()  # URL splits: this validation hashes and reads their current content
+    hub_commit.cache_clear()  # a hub model: this run keys its scores and runs by main's commit now
     existing = find_snapshot(cfg)
     if existing is not None:
         manifest = read_manifest(existing)

@@ -57,7 +57,10 @@ def _checkpoint_keys(path: Path) -> set[str] | None:
     if legacy.is_file():  # older checkpoints (SciBERT's among them) ship only this
         import torch
 
-        return set(torch.load(str(legacy), map_location="meta", weights_only=True, mmap=True))
+        try:
+            return set(torch.load(str(legacy), map_location="meta", weights_only=True, mmap=True))
+        except Exception:  # noqa: BLE001 - a pre-zipfile or pickled-object .bin: the load itself will tell
+            return None
     return None
 
 

@@ -113,7 +113,9 @@ def prepare_inputs(cfg: RunConfig, loaded: LoadedDomain | None = None, log: Log 
         if inputs.token_logp is not None:
             log(f"scores: {len(inputs.unlabelled)} unlabelled texts")
             inputs.unlabelled_logp, _ = score_items(cfg, [(t, None) for t in inputs.unlabelled])
-    inputs.data_fingerprint = data_identity(loaded, inputs.unlabelled)
+    # The corpus as shipped: the mlm_text transform is recorded on its own (MLM runs' identity), so
+    # switching it does not move STL runs.
+    inputs.data_fingerprint = data_identity(loaded, corpus if cfg.training.use_unlabelled else None)
     return inputs
 
 

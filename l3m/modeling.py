@@ -32,6 +32,10 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from l3m.quiet import quiet_loading_bars
+
+quiet_loading_bars()  # no per-load 'Loading weights' bar (l3m.quiet)
+
 
 @dataclass
 class MultiTaskOutput(ModelOutput):
@@ -93,7 +97,7 @@ class MultiTaskModel(nn.Module):
                 mine = head(hidden[selected])
                 return isinstance(mine, torch.Tensor) and mine.shape == own.shape and bool(
                     torch.allclose(mine.float(), own, atol=1e-4, rtol=1e-4))
-        except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
+        except Exception:  # noqa: BLE001 - any failure of the shortcut means: use the own forward
             return False
         finally:
             self.mlm_model.train(was_training)

@@ -168,7 +168,7 @@ def test_transformers_loading_bars_are_off_and_download_bars_on():
     import huggingface_hub.utils as hub
     from transformers.utils import logging as hf_logging
 
-    import l3m  # noqa: F401  (installs it)
+    import l3m.modeling  # noqa: F401  (a module that loads weights installs it)
 
     assert not hf_logging.is_progress_bar_enabled()
     if not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):  # the user's own switch wins
@@ -183,3 +183,24 @@ def test_a_tuner_scope_that_selects_nothing_is_refused(edge_models):
         check_run_model(cfg)
     msg = str(err.value)
     assert "tuners[1] child_d (scope 'layer')" in msg and "attentions, ffns" in msg and "tuners[2]" not in msg
+
+
+@pytest.mark.parametrize("family,positions", [("bert", 128), ("electra", 128), ("mpnet", 130), ("modernbert", None)])
+def test_position_limits_per_table_kind(family_models, family: str, positions: int | None):
+    """No offset (BERT, ELECTRA), RoBERTa-style offset (MPNet: rows - pad - 1), no table (ModernBERT:
+    rotary positions, nothing to refuse)."""
+    caps = model_capabilities(str(family_models[family]))
+    assert caps.max_positions == positions
+    if positions is not None:
+        assert refusals(_cfg(family_models[family], ["none"], max_length=positions), caps) == []
+        assert refusals(_cfg(family_models[family], ["none"], max_length=positions + 1), caps)
+    else:
+        assert refusals(_cfg(family_models[family], ["none"], max_length=4096), caps) == []
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "albert", "deberta-v2", "modernbert"])
+def test_the_default_tuner_scope_is_accepted_where_the_blocks_are_layers(family_models, family: str):
+    path = family_models[family]
+    cfg = RunConfig(domain=DOMAIN, model={"name_or_path": str(path), "max_length": 32}, strategies=[{"kind": "l3"}],
+                    tuners=[{"kind": "child_d"}, {"kind": "weight_mask"}])  # fmt: skip
+    assert refusals(cfg, model_capabilities(str(path))) == []

@@ -112,3 +112,18 @@ def test_train_one_with_the_transform(marked_domain, tiny_model, tmp_path, mlm_b
                     output_dir=str(tmp_path))
     rec = train_one(cfg, MaskingSpec(kind="l3"), TunerSpec(), seed=2, inputs=inputs, out_dir=tmp_path / "run")
     assert rec.global_steps == 4 and 0 < rec.masking["realised_rate"] < 0.6
+
+
+def test_the_data_identity_is_the_corpus_as_shipped(marked_domain, tiny_model, tmp_path):  # noqa: F811
+    """With the unlabelled corpus in the runs, switching the MLM transform must not move STL runs:
+    the data fingerprint hashes the corpus as shipped; the transform is recorded on its own."""
+    from l3m.inputs import prepare_inputs
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("<< kinase >> binds [[ insulin ]], a dopamine-like protein.\nplain text here.\n")
+    on_domain = DomainConfig.model_validate({**marked_domain.model_dump(), "unlabelled": {"path": str(corpus)}})
+    on = RunConfig(domain=on_domain, model={"name_or_path": str(tiny_model), "max_length": 32},
+                   strategies=[{"kind": "none"}], training={"seeds": [1], "use_unlabelled": True})
+    off = on.model_copy(update={"domain": on_domain.model_copy(update={"mlm_text": "raw"})})
+    quiet = lambda _: None  # noqa: E731
+    assert prepare_inputs(on, log=quiet).data_fingerprint == prepare_inputs(off, log=quiet).data_fingerprint

@@ -182,6 +182,9 @@ def test_a_hub_id_is_keyed_by_the_commit_its_revision_resolves_to(tmp_path: Path
     a new key, an unchanged ref the same key; no environment variable relabels it."""
     from huggingface_hub import constants
 
+    import l3m.scoring.keys as keys
+
+    keys.hub_commit.cache_clear()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
     refs = tmp_path / "models--owner--model" / "refs"
@@ -196,9 +199,11 @@ def test_a_hub_id_is_keyed_by_the_commit_its_revision_resolves_to(tmp_path: Path
     monkeypatch.setenv("L3M_HUB_REVISION", "v2")
     assert key() == first  # an environment label that loading never reads changes nothing
     (refs / "main").write_text("b" * 40)  # a new commit on main
+    keys.hub_commit.cache_clear()  # asked once per run: the next run (its validation clears it) asks again
     assert key() != first
     assert key("a" * 40) == first  # the commit pinned explicitly: the same model as before
     (refs / "main").unlink()
+    keys.hub_commit.cache_clear()
     assert key() not in (first, key("b" * 40))  # not cached, offline: "unresolved", its own key
 
 
@@ -230,3 +235,31 @@ def test_the_score_key_carries_the_scoring_version_and_the_digest_sees_code_only
     assert keys.scoring_code_drift(root) is None
     plans.write_text(text.replace("if word < 0 or", "if word <= 0 or", 1))
     assert "bump SCORING_VERSION" in (keys.scoring_code_drift(root) or "")
+
+
+def test_a_hub_commit_is_asked_once_per_run(tmp_path: Path, monkeypatch):
+    """Planning takes many run identities: one lookup, and a new commit mid-run does not split the plan."""
+    from huggingface_hub import HfApi, constants
+
+    import l3m.scoring.keys as keys
+
+    calls: list[str] = []
+
+    class Info:
+        sha = "c" * 40
+
+    def model_info(self: object, repo_id: str, **_: object) -> Info:
+        calls.append(repo_id)
+        return Info()
+
+    keys.hub_commit.cache_clear()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(HfApi, "model_info", model_info)
+    first = {scorer_key("owner/model", None, "within_word_l2r", 128) for _ in range(5)}
+    Info.sha = "d" * 40  # main moves while the run plans
+    assert {scorer_key("owner/model", None, "within_word_l2r", 128) for _ in range(5)} == first
+    assert calls == ["owner/model"]
+    keys.hub_commit.cache_clear()  # the next run
+    assert scorer_key("owner/model", None, "within_word_l2r", 128) not in first
+    keys.hub_commit.cache_clear()

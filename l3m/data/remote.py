@@ -68,7 +68,7 @@ def fetch(url: str) -> Path:
                 out.write(chunk)
         path = root / h.hexdigest()
         os.replace(tmp, path)  # same bytes under the same name: replacing is harmless
-    except (OSError, urllib.error.URLError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any scheme's failure (a missing fsspec backend, a cut stream) is the URL's
         raise DownloadError(f"{url}: could not be downloaded ({e})") from None
     finally:
         if os.path.exists(tmp):

@@ -25,11 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from l3m.quiet import quiet_loading_bars
 from l3m.scoring import onednn
 from l3m.scoring.generic import TargetForward, max_target_rows
 from l3m.scoring.heads import MLMHead, resolve_head
 from l3m.scoring.packed import Group, PackedEncoder, packed_unsupported
 from l3m.scoring.plans import EncodedText, Item, Metric, Mode, Plan, encode, make_plan, normalise_items
+
+quiet_loading_bars()  # no per-load 'Loading weights' bar (l3m.quiet)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Progress = Callable[[int, int], None]

@@ -33,12 +33,13 @@ TOKENIZER_PATTERNS = (
     "*.tiktoken",
 )
 _CHUNK = 1 << 20
+HUB_TIMEOUT_S = 10.0
 # Part of every score key: bumped when the scoring code computes different scores for the same
 # model, text and settings (stored scores then recompute). SCORING_CODE pins the code the version
 # was set against; tests/test_scoring_store.py fails on any change to these modules until it is
 # pinned again (``scoring_code_drift`` says how).
 SCORING_VERSION = 1
-SCORING_CODE = {"version": 1, "digest": "b6f1dc467d0b82cbd9029fa7029187f69781ac5dd51e32a7021b2b6c6d0eac12"}
+SCORING_CODE = {"version": 1, "digest": "8ad4b88abfdedffe9dae2bc8e7b47176733b828e996e7cf85c165dbf844d29e1"}
 SCORING_MODULES = ("plans.py", "engine.py", "packed.py", "generic.py", "heads.py", "onednn.py")
 
 
@@ -78,9 +79,13 @@ def model_fingerprint(model_path_or_name: str, revision: str | None = None) -> d
     return {"hub": model_path_or_name, "commit": commit}  # "main" today and its commit pinned: one model
 
 
+@lru_cache(maxsize=32)
 def hub_commit(repo_id: str, revision: str) -> str | None:
     """The commit ``revision`` of a hub model resolves to, as loading resolves it: the hub's answer
-    when online, else the local cache's ref (what an offline ``from_pretrained`` loads)."""
+    when online, else the local cache's ref (what an offline ``from_pretrained`` loads).
+
+    Asked once per process: planning takes a run's identity many times, and one experiment must
+    not see two commits of "main" (its runs would disagree with their plan)."""
     from huggingface_hub import constants
 
     if re.fullmatch(r"[0-9a-f]{40}", revision):
@@ -92,7 +97,7 @@ def hub_commit(repo_id: str, revision: str) -> str | None:
     try:
         from huggingface_hub import HfApi
 
-        return HfApi().model_info(repo_id, revision=revision).sha or cached
+        return HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S).sha or cached
     except Exception:  # noqa: BLE001 - no network or no such repo: the cache's answer, if any
         return cached
 
