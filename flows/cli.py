@@ -152,8 +152,6 @@ def models_register(
     """Register a trained model directory; promote it if it beats the majority baseline and production
     (on a snapshot: with a paired bootstrap interval over the dev examples above the bar)."""
     try:
-        if not 0 < confidence < 1:
-            raise _registry().RegistryError(f"--confidence {confidence:g}: must lie strictly between 0 and 1")
         from flows.register import eval_set_from_snapshot
 
         dev = eval_set_from_snapshot(snapshot) if snapshot else None

@@ -204,14 +204,12 @@ def seed_test(a: Sequence[float], b: Sequence[float], names: tuple[str, str] = (
     if n < 2:
         return SeedTest(n, mean, nan, nan, nan, higher, "not tested (one seed)")
     sd = float(d.std(ddof=1))
-    if sd == 0.0:  # every seed differs by the same amount: no spread to test against
-        p = 1.0 if mean == 0.0 else 0.0
-        lo = hi = mean
-    else:
-        se = sd / n**0.5
-        p = float(2 * sps.t.sf(abs(mean) / se, n - 1))
-        half = float(sps.t.ppf(0.5 + level / 2, n - 1)) * se
-        lo, hi = mean - half, mean + half
+    if sd <= 1e-9 * max(1.0, abs(mean)):  # the same difference every seed (up to float noise)
+        return SeedTest(n, mean, mean, mean, nan, higher, "not tested (no spread across seeds)")
+    se = sd / n**0.5
+    p = float(2 * sps.t.sf(abs(mean) / se, n - 1))
+    half = float(sps.t.ppf(0.5 + level / 2, n - 1)) * se
+    lo, hi = mean - half, mean + half
     if p >= alpha:
         verdict = f"{NO_DIFFERENCE} across seeds"
     else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import numpy as np
 import safetensors.torch
@@ -252,6 +252,17 @@ class TrainProgress(TrainerCallback, ExportableState):
         return {"count": self.examples, "digest": f"{self.digest:010x}"}
 
 
+@runtime_checkable
+class StageStateful(Protocol):
+    """A callback whose state is not transformers' ``ExportableState`` (it holds an object the
+    Trainer cannot rebuild, e.g. the loss weighting): saved when its stage finishes, restored when
+    the finished stage is replayed, so a replayed stage leaves what the trained one left."""
+
+    def save_stage(self, stage_dir: Path) -> None: ...
+
+    def restore_stage(self, stage_dir: Path) -> None: ...
+
+
 def train_or_replay(trainer: MultiTaskTrainer, resume: bool) -> None:
     """Train the stage (from its last checkpoint when resuming), then record its final state; a
     stage that finished before is replayed from that record: state, callbacks, best weights."""
@@ -260,6 +271,9 @@ def train_or_replay(trainer: MultiTaskTrainer, resume: bool) -> None:
     if resume and done.exists():
         trainer.state = TrainerState.load_from_json(str(done))
         trainer._load_callback_state()  # the final patience and progress, as trained
+        for cb in trainer.callback_handler.callbacks:  # callbacks holding state of their own (a weighting)
+            if isinstance(cb, StageStateful):
+                cb.restore_stage(ckpt_dir)
         trainer.warmup_steps = int(trainer.state.max_steps * trainer.warmup_ratio)  # as create_scheduler
         if trainer.state.best_model_checkpoint is not None:
             trainer._load_best_model()
@@ -271,6 +285,8 @@ def train_or_replay(trainer: MultiTaskTrainer, resume: bool) -> None:
         for cb in trainer.callback_handler.callbacks:  # as at a checkpoint, but at the very end
             if isinstance(cb, Patience | TrainProgress):
                 states[type(cb).__name__] = cb.state()
+            elif isinstance(cb, StageStateful):
+                cb.save_stage(ckpt_dir)
         tmp = done.with_suffix(".tmp")
         trainer.state.save_to_json(str(tmp))
         os.replace(tmp, done)

@@ -48,30 +48,40 @@ class BaseRef:
         return asdict(self)
 
 
-def is_compact(meta: ModelMeta) -> bool:
-    """Whether ``meta``'s tuner stores a domain over a shared base (weight_mask, lora)."""
-    from l3m.tuning.trained import tuner_of  # torch and transformers: not for every registry call
+def domain_file(meta: ModelMeta) -> str | None:
+    """The file ``meta``'s tuner stores a domain in over a shared base (weight_mask, lora), else None."""
+    from l3m.tuning.trained import domain_file_of  # torch and transformers: not for every registry call
 
-    return tuner_of(meta.raw).domain_file is not None
+    return domain_file_of(meta.raw)
+
+
+def is_compact(meta: ModelMeta) -> bool:
+    return domain_file(meta) is not None
 
 
 def files_digest(files: list[Path]) -> str:
-    """sha256 over the files' names and contents (order-free): a base's content digest."""
-    outer = hashlib.sha256()
-    for f in sorted(files, key=lambda f: f.name):
-        inner = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                inner.update(chunk)
-        outer.update(f"{f.name}\0{inner.hexdigest()}\n".encode())
-    return outer.hexdigest()
+    """sha256 over the files' names and contents (order-free): a base's content digest. Each
+    file's digest is cached on (path, size, mtime), so a stored base is hashed once a process."""
+    from l3m.scoring.keys import file_digest
+
+    parts = "".join(f"{f.name}\0{file_digest(f)}\n" for f in sorted(files, key=lambda f: f.name))
+    return hashlib.sha256(parts.encode()).hexdigest()
+
+
+# A base is stored as the registry stores every model: safetensors only (no pickle to load), with
+# its config and tokenizer. Other formats a hub clone carries (.bin, .h5, .msgpack) stay out.
+BASE_WEIGHTS = ("config.json", "model*.safetensors", "model.safetensors.index.json")
 
 
 def base_files(model_dir: Path) -> list[Path]:
-    """The files of a base model directory that define it: weights, config, tokenizer."""
-    from l3m.scoring.keys import TOKENIZER_PATTERNS, WEIGHT_PATTERNS
+    """The files of a base model directory that define it: safetensors weights, config, tokenizer."""
+    from l3m.scoring.keys import TOKENIZER_PATTERNS
 
-    return sorted({f for pat in (*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS) for f in model_dir.glob(pat) if f.is_file()})
+    files = sorted({f for pat in (*BASE_WEIGHTS, *TOKENIZER_PATTERNS) for f in model_dir.glob(pat) if f.is_file()})
+    if not any(f.suffix == ".safetensors" for f in files):
+        raise ModelDirError(f"base model {model_dir}: no safetensors weights; the registry stores no pickle "
+                            "checkpoint (convert it with save_pretrained)")
+    return files
 
 
 def local_base(meta: ModelMeta) -> Path:
@@ -114,9 +124,11 @@ def store_base(meta: ModelMeta, store: Any) -> BaseRef | None:
     return ref
 
 
-def copy_model_dir(src: Path, dest: Path, ref: BaseRef | None) -> None:
+def copy_model_dir(src: Path, dest: Path, ref: BaseRef | None, meta: ModelMeta) -> None:
     """Copy a trained model directory into a store entry; a compact one without its merged
     full weights and with its base reference."""
+    if ref is not None and (name := domain_file(meta)) and not (src / name).is_file():
+        raise ModelDirError(f"{src}: a compact model without its domain file {name}: nothing to rebuild it from")
     for item in src.iterdir():
         target = dest / item.name
         if ref is not None and item.name.startswith("model") and item.suffix == ".safetensors":
@@ -166,8 +178,3 @@ def load_model(model_dir: str | Path, path_of: PathOf | None = None) -> Any:
         raise ModelDirError(f"{root}: its base {ref.tag} ({ref.name}) has changed in the store (files digest "
                             f"{found[:12]}, registered {ref.digest[:12]}): the domain would not be the trained one")
     return load_trained(root, base=base)
-
-
-def stored_bytes(path: str | Path) -> int:
-    """Bytes of every file under ``path`` (a store entry)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -6,8 +6,8 @@ registration gets the current dev snapshot (:class:`EvalSet`), the challenger *a
 production model are both scored on it here, float32, and only those predictions are compared.
 
 One dev sample is noisy: a model that predicts the majority class everywhere but one row can
-score a hair above the majority-class baseline (issue #23: 0.09153 vs 0.09139 macro-F1 on 455
-dev rows, with test accuracy below the majority class's). So "beats" means the paired bootstrap
+score a hair above the majority-class baseline while its test accuracy is below the majority
+class's (docs/serving.md, "Promotion"). So "beats" means the paired bootstrap
 interval of the difference over the dev examples (``l3m.stats.paired_bootstrap``, the same one
 the results tables use) lies above 0 — above the margin, against production. A model without
 that evidence against the baseline is held back with a warning and never promoted

@@ -188,6 +188,8 @@ def register(
     """
     import bentoml
 
+    if not 0 < confidence < 1:  # checked before any scoring, for the flow as for the CLI
+        raise RegistryError(f"confidence {confidence:g}: must lie strictly between 0 and 1")
     meta = check_model_dir(model_dir)
     src = Path(model_dir)
     # Scoring happens under the ledger lock so production cannot change between being scored
@@ -201,7 +203,7 @@ def register(
         with bentoml.models.create(
             model_name(meta.domain), labels=labels, metadata=_metadata(meta), _model_store=_store()
         ) as bento_model:
-            copy_model_dir(src, Path(bento_model.path), base)
+            copy_model_dir(src, Path(bento_model.path), base, meta)
         tag = str(bento_model.tag)
         ledger["models"][tag] = {
             "domain": meta.domain, "stage": CANDIDATE, "reason": reason, "metric": meta.metric,

@@ -97,3 +97,28 @@ def test_full_models_are_stored_with_their_weights_and_no_base(tmp_path):
         stored = registry.model_path(registry.register(src).tag)
         assert (stored / "model.safetensors").is_file() and not (stored / BASE_REF).exists()
         assert _bases() == []
+
+
+def test_a_full_model_whose_tuner_spec_no_longer_validates_still_registers(tmp_path):
+    """Where a model's weights are is decided by its tuner's kind, not by its spec validating."""
+    src = build_tiny_model_dir(tmp_path / "full")
+    meta = json.loads((src / "l3m.json").read_text())
+    meta["tuner"] = {"kind": "full", "a_field_of_an_older_version": 1}
+    (src / "l3m.json").write_text(json.dumps(meta))
+    with env(BENTOML_HOME=str(tmp_path / "home")):
+        stored = registry.model_path(registry.register(src).tag)
+        assert (stored / "model.safetensors").is_file() and _bases() == []
+
+
+def test_a_compact_model_without_its_domain_file_is_refused(runs, tmp_path):
+    src = tmp_path / "no-domain-file"  # the merged copy is there, the masks are not: nothing to store
+    shutil.copytree(runs["weight_mask"], src)
+    (src / "weight_mask.safetensors").unlink()
+    with env(BENTOML_HOME=str(tmp_path / "home")), pytest.raises(ModelDirError, match="weight_mask.safetensors"):
+        registry.register(src)
+
+
+def test_an_out_of_range_confidence_is_refused_before_any_scoring(tmp_path):
+    src = build_tiny_model_dir(tmp_path / "full")
+    with env(BENTOML_HOME=str(tmp_path / "home")), pytest.raises(registry.RegistryError, match="confidence 1.5"):
+        registry.register(src, confidence=1.5)

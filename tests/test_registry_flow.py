@@ -84,8 +84,9 @@ def test_snapshot_reader_and_its_errors(tmp_path):
 # ---------------------------------------------------------------- registration cache ---------
 
 
-def _params(model_dir: Path, snapshot: Path | None, margin: float = 0.0) -> dict:
-    return {"model_dir": str(model_dir), "promote_margin": margin, "snapshot_dir": str(snapshot) if snapshot else None}
+def _params(model_dir: Path, snapshot: Path | None, margin: float = 0.0, confidence: float = 0.95) -> dict:
+    return {"model_dir": str(model_dir), "promote_margin": margin, "snapshot_dir": str(snapshot) if snapshot else None,
+            "confidence": confidence}
 
 
 def test_cache_key_changes_with_every_input(tmp_path, tiny_dir, monkeypatch):
@@ -97,6 +98,7 @@ def test_cache_key_changes_with_every_input(tmp_path, tiny_dir, monkeypatch):
     key = fr.register_cache_key(None, _params(model, snap))
     assert fr.register_cache_key(None, _params(model, snap)) == key  # deterministic: reusable
     changed = {"margin": fr.register_cache_key(None, _params(model, snap, margin=0.01)),
+               "confidence": fr.register_cache_key(None, _params(model, snap, confidence=0.9)),
                "no snapshot": fr.register_cache_key(None, _params(model, None))}
     write_snapshot(snap, fingerprint="snap-2")
     changed["snapshot fingerprint"] = fr.register_cache_key(None, _params(model, snap))

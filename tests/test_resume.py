@@ -107,3 +107,23 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run(point, domain, tiny
         theirs = read_predictions(ref_dir / "model" / "predictions" / f"{split}.jsonl")
         assert [r["label"] for r in ours] == [r["label"] for r in theirs]
         assert ours == theirs  # probabilities too: the same weights
+
+
+def test_a_meta_tartan_run_killed_in_the_export_keeps_its_task_weights(domain, tiny_model, setup,  # noqa: F811
+                                                                       tmp_path, monkeypatch):
+    """The loss weighting's state is the weighting's own (not a transformers callback state): a
+    replayed stage restores it, so the resumed run writes the same task-weight log."""
+    from l3m.weighting.report import WEIGHTS_LOG
+
+    def run(out: Path, kill: bool) -> Path:
+        cfg = _cfg(domain, tiny_model, out).model_copy(
+            update={"weighting": RunConfig.model_validate({"domain": domain, "weighting": {"kind": "meta_tartan"}}).weighting})
+        if kill:
+            with monkeypatch.context() as m, pytest.raises(Killed):
+                _kill_export(m)
+                train_one(cfg, MaskingSpec(kind="l3"), TunerSpec(), 4, setup, out / "run")
+        train_one(cfg, MaskingSpec(kind="l3"), TunerSpec(), 4, setup, out / "run")
+        return out / "run" / WEIGHTS_LOG
+
+    never, resumed = run(tmp_path / "never", kill=False), run(tmp_path / "killed", kill=True)
+    assert never.read_text().strip() and resumed.read_text() == never.read_text()

@@ -300,3 +300,12 @@ def test_a_direction_needs_the_interval_and_the_permutation_test_to_agree():
     # The 1-seed demo case: a percentile interval just above 0 while p = 0.13.
     assert stats.verdict("L3", "RTM", 0.07, 1.65, p_value=0.13).startswith("no detectable difference (CI excludes 0")
     assert stats.verdict("L3", "RTM", -0.1, 1.0, p_value=0.01) == "no detectable difference"
+
+
+def test_the_same_difference_on_every_seed_is_not_called_significant():
+    """Two seeds each 0.5 points apart (up to float noise) have no spread to test against: no verdict."""
+    from l3m.stats import seed_test
+
+    got = seed_test([0.800, 0.705], [0.795, 0.700], names=("L3", "STL"))
+    assert got.verdict == "not tested (no spread across seeds)" and got.higher == 2
+    assert np.isnan(got.p_value) and abs(got.diff - 0.5) < 1e-9

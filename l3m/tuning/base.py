@@ -30,6 +30,9 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Tr
 
 from l3m.config import TunerSpec
 from l3m.plugins import Registry
+from l3m.quiet import quiet_loading_bars
+
+quiet_loading_bars()  # no per-load 'Loading weights' bar (l3m.quiet)
 
 FisherBatches = Callable[[], Iterable[dict[str, Any]]]
 
@@ -85,6 +88,11 @@ def register_tuner(kind: str, cls: type[Tuner]) -> type[Tuner]:
 
 def build_tuner(spec: TunerSpec) -> Tuner:
     return _REGISTRY.get(spec.kind)(spec)
+
+
+def tuner_class(kind: str) -> type[Tuner]:
+    """The tuner class of ``kind`` (its class-level facts, e.g. ``domain_file``, without a spec)."""
+    return _REGISTRY.get(kind)
 
 
 def registered_tuners() -> list[str]:

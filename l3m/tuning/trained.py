@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from l3m.config import ModelSpec, TunerSpec
-from l3m.tuning.base import Tuner, build_tuner
+from l3m.tuning.base import Tuner, build_tuner, tuner_class
 
 META_FILE = "l3m.json"
 
@@ -26,6 +26,13 @@ def tuner_of(meta: dict[str, Any]) -> Tuner:
     """The tuner a model directory's ``l3m.json`` was trained with (its spec, or just its kind)."""
     spec = meta.get("tuner", "full")
     return build_tuner(TunerSpec.model_validate(spec) if isinstance(spec, dict) else TunerSpec(kind=spec))
+
+
+def domain_file_of(meta: dict[str, Any]) -> str | None:
+    """The file a compact tuner stores a domain in (None: full weights), from the tuner's kind
+    alone: deciding where a model's weights are must not depend on its spec still validating."""
+    spec = meta.get("tuner", "full")
+    return tuner_class(spec.get("kind", "full") if isinstance(spec, dict) else spec).domain_file
 
 
 def base_location(meta: dict[str, Any]) -> str:
@@ -42,9 +49,9 @@ def load_trained(model_dir: str | Path, base: str | Path | None = None) -> nn.Mo
     """The trained classifier of ``model_dir`` in eval mode (see the module doc)."""
     root = Path(model_dir)
     meta = json.loads((root / META_FILE).read_text(encoding="utf-8"))
-    tuner = tuner_of(meta)
-    if tuner.domain_file is None or has_full_weights(root):
+    domain_file = domain_file_of(meta)
+    if domain_file is None or has_full_weights(root):
         return AutoModelForSequenceClassification.from_pretrained(str(root), use_safetensors=True).eval()
-    if not (root / tuner.domain_file).is_file():
-        raise FileNotFoundError(f"{root}: neither full weights (model.safetensors) nor {tuner.domain_file}")
-    return tuner.rebuild(base or base_location(meta), root)
+    if not (root / domain_file).is_file():
+        raise FileNotFoundError(f"{root}: neither full weights (model.safetensors) nor {domain_file}")
+    return tuner_of(meta).rebuild(base or base_location(meta), root)

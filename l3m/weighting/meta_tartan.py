@@ -102,6 +102,7 @@ class MetaTartan(LossWeighting):
         self.collate: Collate | None = None
         self.head: DevHead | None = None
         self._step: dict[str, Any] = self._fresh_step()
+        self._params: tuple[nn.Module, list[nn.Parameter], list[int]] | None = None
 
     @staticmethod
     def _fresh_step() -> dict[str, Any]:
@@ -191,13 +192,20 @@ class MetaTartan(LossWeighting):
         dev_loss = F.cross_entropy(self.head(pooled), dev["labels"])
         return torch.autograd.grad(dev_loss, body, allow_unused=True)
 
+    def _layout(self, model: nn.Module) -> tuple[list[nn.Parameter], list[int]]:
+        """The trainable parameters and the body's places among them: fixed while a model trains,
+        so found once per model, not per micro-batch."""
+        if self._params is None or self._params[0] is not model:
+            params = [p for p in model.parameters() if p.requires_grad]
+            body_ids = {id(p) for p in body_parameters(model)}
+            self._params = (model, params, [i for i, p in enumerate(params) if id(p) in body_ids])
+        return self._params[1], self._params[2]
+
     def accumulate(self, model: nn.Module, inputs: dict[str, Any], accum: int,
                    ctx: Callable[[], AbstractContextManager[Any]]) -> torch.Tensor:
         clf = find_classifier(model)
         encoder = clf.base_model
-        params = [p for p in model.parameters() if p.requires_grad]
-        body_ids = {id(p) for p in body_parameters(model)}
-        body_at = [i for i, p in enumerate(params) if id(p) in body_ids]
+        params, body_at = self._layout(model)
         if not body_at:
             raise ValueError("weighting.kind=meta_tartan compares gradients on the encoder, but no encoder "
                              "parameter is trainable under this tuner")
@@ -263,6 +271,15 @@ class MetaTartanCallback(TrainerCallback):
         # A resumed run: the Trainer has restored state.global_step from this checkpoint.
         saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
         if state.global_step > 0 and saved.exists():
+            self.weighting.load_state_dict(json.loads(saved.read_text()))
+
+    # l3m.trainer.StageStateful: a finished stage that is replayed keeps its weights' history.
+    def save_stage(self, stage_dir: Path) -> None:
+        (stage_dir / STATE_FILE).write_text(json.dumps(self.weighting.state_dict()))
+
+    def restore_stage(self, stage_dir: Path) -> None:
+        saved = stage_dir / STATE_FILE
+        if saved.exists():
             self.weighting.load_state_dict(json.loads(saved.read_text()))
 
 
