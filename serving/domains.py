@@ -227,8 +227,9 @@ class DomainSet:
             raise UnknownDomain(f"domain {domain!r} is not served; served: {sorted(served)}", sorted(served))
         return served[domain]
 
-    def refresh(self, force: bool = False) -> list[str]:
-        """Load and swap in every changed production version; the swaps made, one line each."""
+    def refresh(self, force: bool = False, prepare: Callable[[Served], None] | None = None) -> list[str]:
+        """Load and swap in every changed production version; the swaps made, one line each.
+        ``prepare`` runs on a loaded version before it is swapped in (the service warms it up)."""
         with self._refresh_lock:
             stamp = ledger_stamp()
             if stamp == self._stamp and not force:
@@ -247,6 +248,8 @@ class DomainSet:
                     continue
                 try:
                     new = load_served(tag, self.model_path(tag), self.pool)
+                    if prepare is not None:
+                        prepare(new)
                 except Exception:  # noqa: BLE001 - one broken version must not take the others down
                     logger.exception("domain %s: version %s failed to load; still serving %s", domain, tag,
                                      current.tag if current else "nothing")
