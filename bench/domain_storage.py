@@ -47,10 +47,12 @@ def entry_bytes(path: Path) -> dict[str, int]:
     return groups | {"total": sum(groups.values())}
 
 
-def served_vs_offline(path: Path) -> dict[str, Any]:
+def served_vs_offline(path: Path, loaded: tuple[Any, Any, Any] | None = None) -> dict[str, Any]:
+    """The store entry's stored offline test predictions replayed through ``loaded`` (model,
+    tokenizer, meta; default: ``load_classifier`` of the entry)."""
     from serving.model_io import load_classifier, predict
 
-    model, tok, meta = load_classifier(path)
+    model, tok, meta = loaded or load_classifier(path)
     offline = read_predictions(path / "predictions" / "test.jsonl")
     served = predict(model, tok, meta, [o["text"] for o in offline])
     mismatches = sum(o["label"] != s["label"] for o, s in zip(offline, served, strict=True))
@@ -59,21 +61,34 @@ def served_vs_offline(path: Path) -> dict[str, Any]:
     return {"n": len(offline), "label_mismatches": mismatches, "max_prob_diff": diff}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def setup(doc: str, prefix: str) -> tuple[argparse.Namespace, Path, Any, TrainInputs]:
+    """A bench's arguments, a fresh work dir whose store is ``BENTOML_HOME``, the demo config on
+    citation_intent at ``--steps`` and its loaded data."""
+    parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix="l3m-domain-storage-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     os.environ["BENTOML_HOME"] = str(work / "bentoml")
-    from serving import registry
-    from serving.bases import BASE_NAME, read_ref
-
     cfg = load_config(ROOT / "configs" / "demo.yaml",
                       [f"training.max_steps={args.steps}", "training.batch_size=8", "model.max_length=64",
                        f"output_dir={work / 'runs'}"])
-    inputs = TrainInputs(load_domain(cfg.domain))
+    return args, work, cfg, TrainInputs(load_domain(cfg.domain))
+
+
+def write_report(report: dict[str, Any], out: Path | None) -> None:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.write_text(text)
+
+
+def main() -> None:
+    args, work, cfg, inputs = setup(__doc__ or "", "l3m-domain-storage-")
+    from serving import registry
+    from serving.bases import BASE_NAME, read_ref
+
     rows: dict[str, Any] = {}
     for spec in TUNERS:
         rec = train_one(cfg, MaskingSpec(kind="none"), spec, seed=1, inputs=inputs, out_dir=work / "runs" / spec.kind)
@@ -84,10 +99,7 @@ def main() -> None:
                            "served_vs_offline": served_vs_offline(stored), "base": str(read_ref(stored))}
     bases = [m for m in registry._store().list() if m.tag.name == BASE_NAME]
     report = {"bases": {str(m.tag): entry_bytes(Path(m.path)) for m in bases}, "domains": rows}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

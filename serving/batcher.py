@@ -8,6 +8,13 @@ no estimates: one batch runs at a time, and everything that arrived meanwhile (u
 a busy one batches exactly as much as is waiting. Only a queue over ``max_queue_texts`` texts is
 refused, with ``Overloaded`` (503 + Retry-After in the service).
 
+Keys (a multi-domain service submits each request with its domain): a batch holds one key's
+requests only (one model runs it), and the keys with waiting requests take turns, one batch
+each, so a key with a deep queue cannot starve the others. Admission is fair too: when the
+queue is full, only a key already holding more than its share (``max_queue_texts`` / keys
+waiting) is refused, so the queue holds at most about twice ``max_queue_texts``. Without keys
+(one domain) it is the single queue described above.
+
 A request cancelled while it waits (its client went away, or the request timed out) is dropped
 from the queue instead of being computed; whatever the model call raises, every request of its
 batch is answered, and the loop goes on.
@@ -18,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +49,7 @@ class BatchFailed(RuntimeError):
 class _Job:
     items: list[Any]
     future: asyncio.Future[list[Any]] = field(repr=False)
+    key: Hashable = None
 
 
 class MicroBatcher:
@@ -49,8 +57,10 @@ class MicroBatcher:
         self.run = run
         self.max_batch_texts = max_batch_texts
         self.max_queue_texts = max_queue_texts
-        self._queue: collections.deque[_Job] = collections.deque()
+        self._queues: dict[Hashable, collections.deque[_Job]] = {}
+        self._turns: collections.deque[Hashable] = collections.deque()  # keys with waiting jobs, next first
         self._queued_texts = 0
+        self._queued_by_key: collections.Counter[Hashable] = collections.Counter()
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         # One model call at a time, off the event loop (which keeps accepting and validating).
@@ -60,36 +70,57 @@ class MicroBatcher:
     def queued_texts(self) -> int:
         return self._queued_texts
 
-    async def submit(self, items: list[Any]) -> list[Any]:
-        if self._queued_texts + len(items) > self.max_queue_texts:
-            raise Overloaded(f"{self._queued_texts} texts are already queued (limit {self.max_queue_texts})")
+    async def submit(self, items: list[Any], key: Hashable = None) -> list[Any]:
+        """The results of ``items``, computed in a batch with other requests of the same ``key``."""
+        self._admit(key, len(items))
         if self._loop_task is None or self._loop_task.done():
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._dispatch())
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Job(items, future))
+        if key not in self._queues:
+            self._queues[key] = collections.deque()
+            self._turns.append(key)
+        self._queues[key].append(_Job(items, future, key))
         self._queued_texts += len(items)
+        self._queued_by_key[key] += len(items)
         assert self._wake is not None
         self._wake.set()
         return await future
 
+    def _admit(self, key: Hashable, n: int) -> None:
+        if self._queued_texts + n <= self.max_queue_texts:
+            return
+        share = self.max_queue_texts // max(1, len(self._queues | {key: None}))
+        if self._queued_by_key[key] + n > share:
+            raise Overloaded(f"{self._queued_texts} texts are already queued (limit {self.max_queue_texts}"
+                             + (f"; {self._queued_by_key[key]} of them for {key!r}, its share {share})" if key is not None
+                                else ")"))
+
     def _take_batch(self) -> list[_Job]:
-        """The next batch: whole requests, in order, up to max_batch_texts; cancelled ones dropped."""
+        """The next batch: the next key's whole requests, in order, up to max_batch_texts;
+        cancelled ones dropped. The key goes to the back of the turns if it has more."""
+        key = self._turns.popleft()
+        queue = self._queues[key]
         jobs: list[_Job] = []
         size = 0
-        while self._queue and (not jobs or size + len(self._queue[0].items) <= self.max_batch_texts):
-            job = self._queue.popleft()
+        while queue and (not jobs or size + len(queue[0].items) <= self.max_batch_texts):
+            job = queue.popleft()
             self._queued_texts -= len(job.items)
+            self._queued_by_key[key] -= len(job.items)
             if not job.future.done():
                 jobs.append(job)
                 size += len(job.items)
+        if queue:
+            self._turns.append(key)
+        else:
+            del self._queues[key], self._queued_by_key[key]
         return jobs
 
     async def _dispatch(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if not self._turns:
                 self._wake.clear()
                 await self._wake.wait()
                 continue

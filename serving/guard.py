@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -222,3 +223,36 @@ def install_client_error_log_filter() -> None:
     target = logging.getLogger("bentoml._internal.server.http_app")
     if not any(isinstance(f, ClientErrorLogFilter) for f in target.filters):
         target.addFilter(ClientErrorLogFilter())
+
+
+def error_response(ctx: Any, status: int, message: str, retry_after: int | None, **extra: Any) -> Any:
+    """A JSON error from a BentoML API: ``{"error": message, **extra}``."""
+    # BentoML sends a returned Response as is (the declared type documents the 200), except
+    # that an API taking ``ctx`` gets the status code of ``ctx.response``.
+    from starlette.responses import JSONResponse
+
+    ctx.response.status_code = status
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+async def answered(ctx: Any, client: str, work: Awaitable[list[dict[str, Any]]]) -> Any:
+    """The predictions ``work`` computes as ``Prediction`` objects, or the error response for what
+    it raised: a ``Refused`` its 4xx, ``Overloaded`` 503 + Retry-After, anything else 500."""
+    from serving.batcher import BatchFailed, Overloaded
+    from serving.preflight import Refused
+    from serving.schemas import Prediction
+
+    try:
+        preds = await work
+    except Refused as e:
+        logger.warning("client error %d on /classify from %s: %s", e.status, client, e.message)
+        return error_response(ctx, e.status, e.message, e.retry_after)
+    except Overloaded as e:
+        logger.warning("503 overloaded: %s", e)
+        return error_response(ctx, 503, f"overloaded: {e}; retry later", 1)
+    except Exception as e:  # a bug: logged once with its traceback (per batch), a 500 at once
+        if not isinstance(e, BatchFailed):
+            logger.exception("500 on /classify: unexpected error")
+        return error_response(ctx, 500, "internal server error", None)
+    return [Prediction(**p) for p in preds]

@@ -113,7 +113,7 @@ class TextPair(BaseModel):
     text_pair: Text
 
 
-def _listify(value: Any) -> Any:
+def listify(value: Any) -> Any:
     # "One text or a list": a bare item becomes a one-item list, so the API stays batchable
     # (BentoML batches along the list).
     return [value] if isinstance(value, str | dict) else value
@@ -126,7 +126,7 @@ def texts_type(text_pair: bool, max_texts: int) -> Any:
     checks run in ``serving.preflight``, bounded and off the loop (issue #24).
     """
     item: Any = TextPair | tuple[Text, Text] if text_pair else Text
-    return Annotated[list[item], BeforeValidator(_listify), Field(min_length=1, max_length=max_texts)]
+    return Annotated[list[item], BeforeValidator(listify), Field(min_length=1, max_length=max_texts)]
 
 
 def split_items(items: list[Any]) -> tuple[list[str], list[str] | None]:

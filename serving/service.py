@@ -21,19 +21,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import bentoml
 from bentoml.models import BentoModel
 from fastapi import FastAPI
-from starlette.responses import JSONResponse
 
 from serving import connections
 from serving.bases import read_ref
-from serving.batcher import BatchFailed, MicroBatcher, Overloaded
-from serving.guard import RequestGuard, install_client_error_log_filter
+from serving.batcher import MicroBatcher
+from serving.guard import RequestGuard, answered, install_client_error_log_filter
 from serving.model_io import load_classifier, predict, predict_encoded, read_meta, serving_dtype
-from serving.preflight import Encoder, Limits, Preflight, Refused
+from serving.preflight import Encoder, Limits, Preflight
 from serving.registry import production_tag
 from serving.schemas import Metadata, Prediction, Settings, split_items, texts_type
 from serving.textbound import PROBE_CHARS_PER_TOKEN, Encoded, default_max_chars, encode_inputs
@@ -157,20 +155,11 @@ class L3MClassifier:
         """Classify one text or a list (pairs for pair domains): label, score, probabilities."""
         plain, pairs = split_items(texts)
         client = ctx.request.client.host if ctx.request.client else "?"
-        try:
-            rows = await self.preflight.encode(client, plain, pairs)
-            preds = await self.batcher.submit(rows)
-        except Refused as e:
-            logger.warning("client error %d on /classify from %s: %s", e.status, client, e.message)
-            return _error(ctx, e.status, e.message, e.retry_after)
-        except Overloaded as e:
-            logger.warning("503 overloaded: %s", e)
-            return _error(ctx, 503, f"overloaded: {e}; retry later", 1)
-        except Exception as e:  # a bug: logged once with its traceback (per batch), a 500 at once
-            if not isinstance(e, BatchFailed):
-                logger.exception("500 on /classify: unexpected error")
-            return _error(ctx, 500, "internal server error", None)
-        return [Prediction(**p) for p in preds]
+
+        async def work() -> list[dict[str, object]]:
+            return await self.batcher.submit(await self.preflight.encode(client, plain, pairs))
+
+        return await answered(ctx, client, work())  # predictions, or an error response
 
     @info_app.get("/metadata")
     def metadata(self) -> Metadata:
@@ -182,14 +171,6 @@ class L3MClassifier:
             code_version=m.code_version, max_texts=SETTINGS.max_texts, batching=SETTINGS.batching,
             dtype=self.dtype,
         )
-
-
-def _error(ctx: bentoml.Context, status: int, message: str, retry_after: int | None) -> Any:
-    # BentoML sends a returned Response as is (the declared type documents the 200), except
-    # that an API taking ``ctx`` gets the status code of ``ctx.response``.
-    ctx.response.status_code = status
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 # The service decorator adds add_asgi_middleware at runtime; its stubs do not declare it.

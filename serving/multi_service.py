@@ -1,0 +1,212 @@
+"""BentoML service: many domains in one process, following the registry's promotions.
+
+    L3M_DOMAINS=citation_intent,chemprot bentoml serve serving.multi_service:L3MDomains
+
+``L3M_DOMAINS``: the domains to serve (comma-separated), or ``*`` (default) for every domain
+with a production version in the registry, including ones added while it runs. Each domain is
+its production version; the base of compact domains is resident once (``serving.domains``).
+``L3M_RELOAD_S`` (default 5): how often the registry's ledger is checked; a promotion or
+rollback is loaded beside the running version and swapped in without a restart, a request
+already holding the old version finishes on it, and every swap is logged.
+
+Endpoints: ``POST /classify`` ``{"texts": ..., "domain": "..."}`` (``domain`` may be left out
+when one domain is served; an unknown one is a 404 naming the served ones), ``GET /metadata``
+(every domain: version, labels, tuner), ``/livez``, ``/readyz``. Batches hold one domain and
+the domains take turns (``serving.batcher``). Request hygiene, connection limits and the other
+knobs are the single-domain service's (``serving.service``, ``serving.schemas.Settings``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+from fastapi import FastAPI
+from pydantic import BaseModel, BeforeValidator, Field
+
+from serving import connections
+from serving.batcher import MicroBatcher
+from serving.domains import DomainSet, Served, UnknownDomain
+from serving.guard import RequestGuard, answered, error_response, install_client_error_log_filter
+from serving.model_io import predict, predict_encoded, serving_dtype
+from serving.preflight import Limits, Preflight, Refused
+from serving.schemas import Prediction, Settings, Text, TextPair, listify, split_items
+from serving.textbound import PROBE_CHARS_PER_TOKEN, Encoded, default_max_chars, encode_inputs
+from serving.workers import register_worker, unregister_worker
+
+logger = logging.getLogger("l3m.serving")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SETTINGS = Settings.from_env()
+# A retired version's tokenizer threads are closed this long after its swap: longer than any
+# request may take (the traffic timeout), so no request still holding it is cut off.
+RETIRE_AFTER_S = 150
+
+
+def wanted_domains(raw: str | None) -> list[str] | None:
+    """``L3M_DOMAINS`` -> the domain names, or None for every domain in the registry."""
+    names = [d.strip() for d in (raw or "*").split(",") if d.strip()]
+    return None if names in ([], ["*"]) else names
+
+
+WANTED = wanted_domains(os.environ.get("L3M_DOMAINS"))
+RELOAD_S = float(os.environ.get("L3M_RELOAD_S") or 5)
+# Plain and pair items: which one a domain takes is checked once its domain is known.
+Texts = Annotated[list[Text | TextPair | tuple[Text, Text]], BeforeValidator(listify),
+                  Field(min_length=1, max_length=SETTINGS.max_texts)]
+
+connections.install(SETTINGS.header_timeout_s, SETTINGS.max_connections, SETTINGS.max_client_connections)
+install_client_error_log_filter()
+
+
+class DomainInfo(BaseModel):
+    domain: str
+    model_tag: str
+    version: str
+    labels: list[str]
+    tuner: str
+    strategy: str
+    metric: str
+    base_model: str
+    text_pair: bool
+    max_length: int
+
+
+class MultiMetadata(BaseModel):
+    domains: list[DomainInfo]
+    max_texts: int
+    batching: bool
+    dtype: str
+
+
+def _store_path(tag: str) -> str:
+    return str(bentoml.models.get(tag).path)
+
+
+def _preflight(served: Served) -> Preflight:
+    """The tokenizer lanes of one served version (``serving.preflight``), one tokenizer per lane."""
+    max_chars = SETTINGS.max_text_chars or default_max_chars(served.meta.max_length)
+
+    def make_encoder() -> Any:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(served.path))
+        return lambda text, pair: encode_inputs(tokenizer, served.meta.max_length, max_chars, [text],
+                                                None if pair is None else [pair], require_content=True)[0]
+
+    limits = Limits(cpu_budget_s=SETTINGS.preflight_cpu_s,
+                    light_chars=SETTINGS.light_chars or 2 * PROBE_CHARS_PER_TOKEN * served.meta.max_length,
+                    heavy_share=SETTINGS.heavy_cpu_share, heavy_queue=SETTINGS.heavy_queue)
+    return Preflight(make_encoder, max_chars, limits)
+
+
+def _items(served: Served, texts: list[Any]) -> tuple[list[str], list[str] | None]:
+    """The request's texts (and pairs) for its domain; a ``Refused`` 400 when of the wrong kind."""
+    plain = [isinstance(t, str) for t in texts]
+    if served.meta.text_pair and any(plain) or not served.meta.text_pair and not all(plain):
+        want = "pairs ({text, text_pair} or [text, text_pair])" if served.meta.text_pair else "plain texts"
+        raise Refused(400, f"domain {served.meta.domain!r} takes {want}")
+    return split_items(texts)
+
+
+info_app = FastAPI(title="l3m metadata (many domains)")
+
+
+@bentoml.asgi_app(info_app, path="/")
+@bentoml.service(name="l3m_domains", workers=SETTINGS.workers, traffic={"timeout": 120})
+class L3MDomains:
+    def __init__(self) -> None:
+        import torch
+
+        self._ready = False
+        install_client_error_log_filter()
+        logger.setLevel(logging.INFO)  # every version swap is logged: an operator's record of what served when
+        register_worker()
+        if SETTINGS.torch_threads > 0:
+            torch.set_num_threads(SETTINGS.torch_threads)
+        self.dtype = serving_dtype(SETTINGS.dtype, "cpu")  # load_classifier loads on the CPU
+        self._preflights: dict[str, Preflight] = {}
+        self._retired: list[tuple[float, Preflight]] = []
+        self.domains = DomainSet(WANTED, _store_path, lambda tag: Path(bentoml.models.get(tag).path))
+        self.domains.refresh(force=True, prepare=self._warm)
+        if not self.domains.served:
+            raise RuntimeError(f"no production version in the registry for {WANTED or 'any domain'} "
+                               f"(BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')})")
+        self.batcher = MicroBatcher(self._predict, SETTINGS.max_batch_size if SETTINGS.batching else 1,
+                                    SETTINGS.max_queue_texts)
+        self._stop = threading.Event()
+        threading.Thread(target=self._follow, name="l3m-follow-registry", daemon=True).start()
+        self._ready = True
+        logger.info("serving %s (base bytes resident %d, reload every %g s)", self.domains.names(),
+                    self.domains.pool.bytes(), RELOAD_S)
+
+    def __is_ready__(self) -> bool:
+        return self._ready
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self._stop.set()
+        self.batcher.close()
+        for pre in [*self._preflights.values(), *(p for _, p in self._retired)]:
+            pre.close()
+        unregister_worker()
+
+    def _warm(self, served: Served) -> None:
+        # Before the version takes requests: its tokenizer lanes, and one forward pass (lazy
+        # initialisation is not a user's wait).
+        pair = ["warm up"] if served.meta.text_pair else None
+        predict(served.model, served.tokenizer, served.meta, ["warm up"], pair, dtype=self.dtype)
+        self._preflights[served.tag] = _preflight(served)
+
+    def _follow(self) -> None:
+        """The registry follower: swaps in new production versions, retires old tokenizer lanes."""
+        while not self._stop.wait(RELOAD_S):
+            try:
+                self.domains.refresh(prepare=self._warm)  # each swap is logged there
+                live = {s.tag for s in self.domains.served.values()}
+                for tag in [t for t in self._preflights if t not in live]:
+                    self._retired.append((time.monotonic(), self._preflights.pop(tag)))
+                while self._retired and time.monotonic() - self._retired[0][0] > RETIRE_AFTER_S:
+                    self._retired.pop(0)[1].close()
+            except Exception:  # noqa: BLE001 - the follower must outlive a bad registry read
+                logger.exception("following the registry failed; serving the versions loaded so far")
+
+    def _predict(self, items: list[tuple[Served, Encoded]]) -> list[dict[str, object]]:
+        served = items[0][0]  # a batch holds one key: one domain version
+        return predict_encoded(served.model, served.tokenizer, served.meta, [r for _, r in items], dtype=self.dtype)
+
+    @bentoml.api(route="/classify")
+    async def classify(self, texts: Texts, ctx: bentoml.Context, domain: str | None = None) -> list[Prediction]:
+        """Classify texts (pairs for pair domains) with ``domain``'s production version."""
+        client = ctx.request.client.host if ctx.request.client else "?"
+        try:
+            served = self.domains.get(domain)
+        except UnknownDomain as e:
+            return error_response(ctx, 404 if domain is not None else 400, e.message, None, domains=e.served)
+
+        async def work() -> list[dict[str, object]]:
+            plain, pairs = _items(served, texts)
+            rows = await self._preflights[served.tag].encode(client, plain, pairs)
+            return await self.batcher.submit([(served, r) for r in rows], key=served.meta.domain)
+
+        return await answered(ctx, client, work())  # predictions, or an error response
+
+    @info_app.get("/metadata")
+    def metadata(self) -> MultiMetadata:
+        infos = [DomainInfo(domain=d, model_tag=s.tag, version=s.tag.rpartition(":")[2], labels=s.meta.label_names,
+                            tuner=s.meta.tuner, strategy=s.meta.strategy, metric=s.meta.metric,
+                            base_model=s.meta.base_model, text_pair=s.meta.text_pair, max_length=s.meta.max_length)
+                 for d, s in sorted(self.domains.served.items())]
+        return MultiMetadata(domains=infos, max_texts=SETTINGS.max_texts, batching=SETTINGS.batching, dtype=self.dtype)
+
+
+# The service decorator adds add_asgi_middleware at runtime; its stubs do not declare it.
+L3MDomains.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_body_bytes,  # type: ignore[attr-defined]
+                               body_timeout_s=SETTINGS.body_timeout_s, max_texts=SETTINGS.max_texts)
