@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from l3m.comparisons import compare_all
 from l3m.config import MaskingSpec, RunConfig, TunerSpec, load_config
 from l3m.data.loading import LoadedDomain, encode_kwargs, load_domain
 from l3m.data.snapshot import load_snapshot
@@ -45,7 +46,7 @@ from l3m.inputs import (
     write_token_view,
 )
 from l3m.locking import exclusive
-from l3m.results import compare_strategies, write_results
+from l3m.results import write_results
 from l3m.train import RUN_RECORD, RunRecord, TrainInputs, train_one
 
 # Re-exported: the flows and benches use them through this module.
@@ -197,7 +198,7 @@ def baseline_of(loaded: LoadedDomain) -> dict[str, Any]:
 
 def tabulate(cfg: RunConfig, inputs: TrainInputs, keys: list[RunKey]) -> dict[str, Path]:
     """The experiment's results table and ``experiment.json`` (its runs, settings, baseline and the
-    pairwise comparisons of its strategies on the domain metric)."""
+    pairwise comparisons of its strategies and of its tuners on the domain metric)."""
     out_dir = cfg.resolved_output_dir()
     exp_dir = experiment_dir(cfg, keys)
     loaded = inputs.loaded
@@ -206,7 +207,7 @@ def tabulate(cfg: RunConfig, inputs: TrainInputs, keys: list[RunKey]) -> dict[st
     header = experiment_settings(cfg, loaded, used)
     baseline = baseline_of(loaded)
     run_dirs = [k.path(out_dir) for k in keys]
-    comparisons = compare_strategies(run_dirs, cfg.domain.metric, loaded.label_names)
+    comparisons = compare_all(run_dirs, cfg.domain.metric, loaded.label_names)
     paths = write_results(exp_dir, run_dirs, title=f"{cfg.domain.name} ({cfg.model.name_or_path})",
                           header=header, baseline=baseline, metric=cfg.domain.metric,
                           label_names=loaded.label_names, comparisons=comparisons)

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import f1_score
 from test_training import domain, tiny_model  # noqa: F401  (fixtures)
 
-from l3m import experiment, results, stats
+from l3m import comparisons, experiment, results, stats
 from l3m.config import RunConfig
 from l3m.data.loading import DataError
 from l3m.evaluate import headline
@@ -151,11 +151,11 @@ def test_a_chemprot_sized_gap_is_detected():
 LABEL_NAMES = ["neg", "pos", "mixed"]
 
 
-def _write_run(run_dir, strategy, seed, gold, pred, predictions=True):
+def _write_run(run_dir, strategy, seed, gold, pred, predictions=True, tuner="full"):
     run_dir.mkdir(parents=True)
     acc = float((gold == pred).mean())
     m = {"accuracy": acc, "macro_f1": acc, "n": len(gold)}
-    RunRecord(domain="toy", strategy=strategy, tuner="full", seed=seed, metrics={"dev": m, "test": m},
+    RunRecord(domain="toy", strategy=strategy, tuner=tuner, seed=seed, metrics={"dev": m, "test": m},
               median_step_seconds=0.01, train_rows=40).save(run_dir / "run.json")
     if predictions:
         path = run_dir / "model" / "predictions" / "test.jsonl"
@@ -253,6 +253,69 @@ def test_a_pair_with_a_run_without_predictions_is_skipped_with_the_reason(tmp_pa
     md = results.comparisons_markdown(list(rows.values()), "macro_f1")
     assert "| RTM vs STL | full | 2 | - | - | - | skipped: no test predictions stored in none-full-seed2-" in md
     assert md.count("| - | - | - | - |") == 2  # nor across seeds
+
+
+def _tuner_runs(tmp_path, tuners):
+    """Runs of {strategy: [tuner, ...]} over seeds 0-4: weight_mask right on 60-64% of the test
+    examples (60% + seed points), every other tuner on 80%, lora with exactly full's predictions."""
+    gold = np.random.default_rng(0).integers(0, 3, 400)
+    rng = np.random.default_rng(1)
+    dirs = []
+    for strategy, kinds in tuners.items():
+        for seed in range(5):
+            full = _correct_on(gold, 0.8, rng)
+            for tuner in kinds:
+                pred = _correct_on(gold, 0.6 + seed / 100, rng) if tuner == "weight_mask" else full
+                d = RunKey(strategy, tuner, seed, f"{strategy}{tuner}{seed}".ljust(64, "0")).path(tmp_path)
+                _write_run(d, strategy, seed, gold, pred, tuner=tuner)
+                dirs.append(d)
+    return dirs
+
+
+def test_compact_tuners_are_compared_against_full_first(tmp_path):
+    dirs = _tuner_runs(tmp_path, {"none": ["lora", "weight_mask", "full"]})
+    rows = comparisons.compare_tuners(dirs, "accuracy", LABEL_NAMES, n_boot=1000)
+    assert [(r["pair"], r["a"], r["b"]) for r in rows] == [
+        ("weight_mask vs full", "weight_mask", "full"), ("lora vs full", "lora", "full"),
+        ("lora vs weight_mask", "lora", "weight_mask")]
+    assert all(r["strategy"] == "none" and r["tuner"] == "" and r["seeds"] == 5 for r in rows)
+    cost, same, other = rows
+    assert cost["diff"] == pytest.approx(-18.0) and cost["ci_high"] < 0  # the compact tuner's cost
+    assert cost["verdict"] == "weight_mask < full (CI excludes 0)" and cost["note"] == ""
+    assert cost["seed_verdict"] == "weight_mask < full across seeds"
+    assert same["diff"] == 0 and same["verdict"] == "no detectable difference" and same["ci_low"] <= 0 <= same["ci_high"]
+    assert same["seed_verdict"] == "not tested (no spread across seeds)"
+    assert other["diff"] == pytest.approx(18.0) and other["verdict"] == "lora > weight_mask (CI excludes 0)"
+
+
+def test_a_strategy_run_with_one_tuner_has_no_tuner_comparison(tmp_path):
+    dirs = _tuner_runs(tmp_path, {"l3": ["full"], "none": ["full", "weight_mask"]})
+    rows = comparisons.compare_tuners(dirs, "accuracy", LABEL_NAMES, n_boot=200)
+    assert [(r["strategy"], r["pair"]) for r in rows] == [("none", "weight_mask vs full")]
+    assert comparisons.compare_tuners(_tuner_runs(tmp_path / "one", {"l3": ["full"]}), "accuracy", LABEL_NAMES) == []
+    # The strategy comparison of the same runs: per tuner, with an empty strategy key.
+    [row] = results.compare_strategies(dirs, "accuracy", LABEL_NAMES, n_boot=200)
+    assert (row["pair"], row["tuner"], row["strategy"]) == ("L3 vs STL", "full", "")
+
+
+def test_results_table_has_the_tuner_comparisons_only_with_several_tuners(tmp_path):
+    dirs = _tuner_runs(tmp_path, {"none": ["full", "weight_mask"], "l3": ["full"]})
+    paths = results.write_results(tmp_path / "exp", dirs, metric="accuracy", label_names=LABEL_NAMES)
+    md = paths["md"].read_text()
+    assert "## Pairwise comparisons (test accuracy)" in md and "| pair | strategy | seeds |" in md
+    table = md.split("## Tuner comparisons (test accuracy)")[1]
+    assert "| weight_mask vs full | STL | 5 | -18.00 | [" in table
+    assert "| L3 vs STL |" not in table
+    rows = list(csv.DictReader(paths["comparisons"].open()))
+    assert list(rows[0]) == results.COMPARISON_FIELDS and results.COMPARISON_FIELDS[-1] == "strategy"
+    assert [(r["pair"], r["tuner"], r["strategy"]) for r in rows] == [
+        ("L3 vs STL", "full", ""), ("weight_mask vs full", "", "none")]
+
+    single = results.write_results(tmp_path / "exp1", _runs(tmp_path / "one", {"none": [1, 2], "l3": [1, 2]},
+                                                            {"none": 0.5, "l3": 0.7}), label_names=LABEL_NAMES)
+    assert "Tuner comparisons" not in single["md"].read_text()
+    [row] = csv.DictReader(single["comparisons"].open())
+    assert row["pair"] == "L3 vs STL" and row["strategy"] == ""
 
 
 def test_a_prediction_outside_the_label_set_names_file_line_and_field(tmp_path):
