@@ -162,11 +162,27 @@ def models_register(
 
 @models.command("build")
 def models_build(tag: Annotated[str | None, typer.Argument(help="default: the domain's production version")] = None,
-                 domain: Annotated[str, typer.Option(help="domain whose production to build")] = "citation_intent"
+                 domain: Annotated[str, typer.Option(help="domain whose production to build")] = "citation_intent",
+                 multi: Annotated[bool, typer.Option(help="one bento with the production version of every domain "
+                                                          "(or of --domains) and their bases")] = False,
+                 domains: Annotated[str | None, typer.Option(help="with --multi: comma-separated domains")] = None,
                  ) -> None:
-    """Package a production version as bento l3m-<domain>:<version> (nothing to do if it exists)."""
+    """Package a production version as bento l3m-<domain>:<version>, or with --multi every domain's
+    production version as one bento l3m_domains:<versions> (nothing to do if it exists)."""
     reg = _registry()
     try:
+        if multi:
+            if tag is not None:
+                raise reg.RegistryError("--multi packages production versions: give --domains, not a tag")
+            from flows.multi_bento import build_multi_bento
+
+            names = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
+            bento, built, tags = build_multi_bento(names)
+            _echo({"bento": bento, "built": built, "domains": tags,
+                   "serve": f"bentoml serve {bento}"})
+            return
+        if domains is not None:
+            raise reg.RegistryError("--domains goes with --multi")
         if tag is None:
             tag = reg.production_tag(domain)
             if tag is None:

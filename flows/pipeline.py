@@ -1,4 +1,4 @@
-"""Prefect flow ``adapt-domain``: validate -> score -> train/evaluate -> register -> build bento.
+"""Prefect flow ``adapt-domain``: validate -> score -> train/evaluate -> register -> build bento(s).
 
 Data flows forward once, as content-addressed artifacts: the validate step writes the validated
 data snapshot (``l3m.data.snapshot``), scoring and training read that snapshot, every run is
@@ -29,6 +29,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import artifact_key, as_config
+from flows.multi_bento import build_multi_bento_task
 from flows.register import build_bento_task, register_once, registered_lines
 from flows.score import score
 from flows.train import train
@@ -65,6 +66,7 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
     registered = register_once(chosen["model_dir"], cfg.registry.promote_margin, snapshot_dir=snapshot,
                                confidence=cfg.registry.promote_confidence)
     bento = build_bento_task(registered) if cfg.registry.build_bento else {"tag": None, "status": "not built (disabled)"}
+    multi = build_multi_bento_task(registered) if cfg.registry.multi_bento else None
 
     experiment = json.loads(Path(trained["results"]["json"]).read_text())
     summary = {
@@ -84,6 +86,7 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
         "chosen_run": {k: chosen[k] for k in ("strategy", "tuner", "seed", "dev", "test", "model_dir")},
         "registered": registered,
         "bento": bento["tag"] or bento["status"],
+        "multi_bento": multi and {k: multi[k] for k in ("tag", "status", "domains")},
     }
     (out_dir / "pipeline.json").write_text(json.dumps(summary, indent=2, default=str))
     create_markdown_artifact(
@@ -91,7 +94,9 @@ def adapt_domain(config: str, overrides: list[str] | None = None) -> dict[str, A
                   f"- chosen run: {chosen['strategy']} / {chosen['tuner']} / seed {chosen['seed']} "
                   f"(dev {cfg.domain.metric} {chosen['dev'][cfg.domain.metric]:.4f}, "
                   f"test {chosen['test'][cfg.domain.metric]:.4f})\n{registered_lines(registered)}"
-                  f"- results table: `{trained['results'].get('md')}`\n- bento: {bento['tag'] or bento['status']}\n"),
+                  f"- results table: `{trained['results'].get('md')}`\n- bento: {bento['tag'] or bento['status']}\n"
+                  + (f"- multi-domain bento: {multi['tag']} ({multi['status']}): {sorted(multi['domains'])}\n"
+                     if multi else "")),
         key=artifact_key("pipeline", cfg.domain.name),
         description=f"adapt-domain summary for {cfg.domain.name}",
     )

@@ -204,16 +204,20 @@ def bento_exists(tag: str) -> bool:
     return True
 
 
-def _bentofile_for(model_tag: str, out_dir: Path) -> Path:
-    """serving/bentofile.yaml named for the model's domain, recording the packaged tag in the
-    bento's envs: inside a bento there is no ledger, and the service serves exactly this tag."""
+def bentofile_spec(name: str, service: str | None = None, envs: dict[str, str] | None = None,
+                   models: list[str] | None = None) -> dict[str, Any]:
+    """serving/bentofile.yaml as bento ``name``, with ``envs`` recorded in the bento (inside a bento
+    there is no ledger: the service serves what the build recorded), another ``service`` and the
+    BentoML ``models`` to package when given."""
     spec = yaml.safe_load(BENTOFILE.read_text(encoding="utf-8"))
-    spec["name"] = model_tag.split(":")[0]
-    spec["envs"] = [e for e in spec.get("envs", []) if e["name"] != "L3M_MODEL_TAG"]
-    spec["envs"].append({"name": "L3M_MODEL_TAG", "value": model_tag})
-    path = out_dir / "bentofile.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-    return path
+    spec["name"] = name
+    if service:
+        spec["service"] = service
+    spec["envs"] = [e for e in spec.get("envs", []) if e["name"] not in (envs or {})]
+    spec["envs"] += [{"name": k, "value": v} for k, v in (envs or {}).items()]
+    if models:
+        spec["models"] = models
+    return spec
 
 
 def bento_inputs_digest() -> str:
@@ -249,14 +253,22 @@ def build_bento(model_tag: str) -> tuple[str, bool]:
 
 def _build(model_tag: str, tag: str) -> str:
     """Run ``bentoml build`` for ``model_tag`` as bento ``tag``; returns the tag it reports."""
+    env = {"L3M_MODEL_TAG": model_tag}
+    return run_bentoml_build(bentofile_spec(model_tag.split(":")[0], envs=env), tag, env)
+
+
+def run_bentoml_build(spec: dict[str, Any], tag: str, env: dict[str, str]) -> str:
+    """``bentoml build`` of bentofile ``spec`` as bento ``tag`` (``env`` set for the build); the
+    tag it reports."""
     with tempfile.TemporaryDirectory(prefix="l3m-bentofile-") as tmp:
-        bentofile = _bentofile_for(model_tag, Path(tmp))
+        bentofile = Path(tmp) / "bentofile.yaml"
+        bentofile.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
         # A subprocess: the service resolves its model at import, and an imported module
         # (with the previous tag) would be reused by a second build in this process.
         proc = subprocess.run(
             [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "--version", tag.split(":")[1],
              "--output", "tag", str(ROOT)],
-            capture_output=True, text=True, env={**os.environ, "L3M_MODEL_TAG": model_tag}, cwd=ROOT, timeout=900,
+            capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT, timeout=900,
         )  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"bentoml build failed:\n{proc.stderr[-3000:]}")

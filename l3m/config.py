@@ -306,6 +306,9 @@ class RegistrySpec(Strict):
     promote_margin: float = 0.0
     promote_confidence: float = Field(0.95, gt=0, lt=1)
     build_bento: bool = False
+    # One bento of every domain's production version over their shared bases
+    # (flows.multi_bento), rebuilt after this registration when a version changed.
+    multi_bento: bool = False
 
 
 class RunConfig(Strict):

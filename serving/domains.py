@@ -195,14 +195,17 @@ def ledger_stamp() -> tuple[int, int, int] | None:
 
 
 class DomainSet:
-    """The production version of each wanted domain (None: every domain in the registry).
+    """The production version of each wanted domain (None: every domain in the registry), or
+    the fixed ``packaged`` versions a multi-domain bento was built with (no ledger is read).
 
     ``refresh`` loads what the ledger names and the set does not hold yet, then swaps it in;
     ``get`` is what a request uses. Reads need no lock: ``_served`` is replaced, never mutated.
     """
 
-    def __init__(self, wanted: list[str] | None, path_of: PathOf, model_path: Callable[[str], Path]) -> None:
+    def __init__(self, wanted: list[str] | None, path_of: PathOf, model_path: Callable[[str], Path],
+                 packaged: dict[str, str] | None = None) -> None:
         self.wanted = wanted
+        self.packaged = packaged
         self.pool = BasePool(path_of)
         self.model_path = model_path
         self._served: dict[str, Served] = {}
@@ -231,11 +234,11 @@ class DomainSet:
         """Load and swap in every changed production version; the swaps made, one line each.
         ``prepare`` runs on a loaded version before it is swapped in (the service warms it up)."""
         with self._refresh_lock:
-            stamp = ledger_stamp()
+            stamp = (0, 0, 0) if self.packaged is not None else ledger_stamp()
             if stamp == self._stamp and not force:
                 return []
             self._stamp = stamp
-            tags = production_tags()
+            tags = dict(self.packaged) if self.packaged is not None else production_tags()
             missing = [d for d in self.wanted or [] if d not in tags]
             if missing:
                 logger.warning("no production version in the registry for %s", missing)

@@ -9,6 +9,10 @@ its production version; the base of compact domains is resident once (``serving.
 rollback is loaded beside the running version and swapped in without a restart, a request
 already holding the old version finishes on it, and every swap is logged.
 
+A multi-domain bento (``l3m models build --multi``: a base and every production domain over it)
+serves the versions it packaged, recorded as ``L3M_DOMAIN_TAGS`` (``serving.packaged``), and
+follows no registry: ``bentoml serve l3m_domains:latest``.
+
 Endpoints: ``POST /classify`` ``{"texts": ..., "domain": "..."}`` (``domain`` may be left out
 when one domain is served; an unknown one is a 404 naming the served ones), ``GET /metadata``
 (every domain: version, labels, tuner), ``/livez``, ``/readyz``. Batches hold one domain and
@@ -34,6 +38,7 @@ from serving.batcher import MicroBatcher
 from serving.domains import DomainSet, Served, UnknownDomain
 from serving.guard import RequestGuard, answered, error_response, install_client_error_log_filter
 from serving.model_io import predict, predict_encoded, serving_dtype
+from serving.packaged import DOMAIN_TAGS_ENV, packaged_env, parse_domain_tags
 from serving.preflight import Limits, Preflight, Refused
 from serving.schemas import Prediction, Settings, Text, TextPair, listify, split_items
 from serving.textbound import PROBE_CHARS_PER_TOKEN, Encoded, default_max_chars, encode_inputs
@@ -57,6 +62,11 @@ def wanted_domains(raw: str | None) -> list[str] | None:
 
 
 WANTED = wanted_domains(os.environ.get("L3M_DOMAINS"))
+# Inside a multi-domain bento (`l3m models build --multi`): the domain versions it packaged,
+# served as they are (there is no registry to follow inside a bento). L3M_DOMAIN_TAGS set by
+# hand does the same outside one.
+_PACKAGED_RAW = os.environ.get(DOMAIN_TAGS_ENV) or packaged_env(DOMAIN_TAGS_ENV, Path(__file__))
+PACKAGED = parse_domain_tags(_PACKAGED_RAW) if _PACKAGED_RAW else None
 RELOAD_S = float(os.environ.get("L3M_RELOAD_S") or 5)
 # Plain and pair items: which one a domain takes is checked once its domain is known.
 Texts = Annotated[list[Text | TextPair | tuple[Text, Text]], BeforeValidator(listify),
@@ -134,18 +144,20 @@ class L3MDomains:
         self.dtype = serving_dtype(SETTINGS.dtype, "cpu")  # load_classifier loads on the CPU
         self._preflights: dict[str, Preflight] = {}
         self._retired: list[tuple[float, Preflight]] = []
-        self.domains = DomainSet(WANTED, _store_path, lambda tag: Path(bentoml.models.get(tag).path))
+        self.domains = DomainSet(WANTED, _store_path, lambda tag: Path(bentoml.models.get(tag).path), PACKAGED)
         self.domains.refresh(force=True, prepare=self._warm)
         if not self.domains.served:
-            raise RuntimeError(f"no production version in the registry for {WANTED or 'any domain'} "
-                               f"(BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')})")
+            where = (f"the packaged versions {PACKAGED}" if PACKAGED is not None else
+                     f"the registry (BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')})")
+            raise RuntimeError(f"no version of {WANTED or 'any domain'} could be loaded from {where}")
         self.batcher = MicroBatcher(self._predict, SETTINGS.max_batch_size if SETTINGS.batching else 1,
                                     SETTINGS.max_queue_texts)
         self._stop = threading.Event()
-        threading.Thread(target=self._follow, name="l3m-follow-registry", daemon=True).start()
+        if PACKAGED is None:  # a bento's versions are fixed: nothing to follow
+            threading.Thread(target=self._follow, name="l3m-follow-registry", daemon=True).start()
         self._ready = True
-        logger.info("serving %s (base bytes resident %d, reload every %g s)", self.domains.names(),
-                    self.domains.pool.bytes(), RELOAD_S)
+        logger.info("serving %s (base bytes resident %d, %s)", self.domains.names(), self.domains.pool.bytes(),
+                    "packaged versions" if PACKAGED is not None else f"registry checked every {RELOAD_S:g} s")
 
     def __is_ready__(self) -> bool:
         return self._ready

@@ -31,6 +31,7 @@ from serving.bases import read_ref
 from serving.batcher import MicroBatcher
 from serving.guard import RequestGuard, answered, install_client_error_log_filter
 from serving.model_io import load_classifier, predict, predict_encoded, read_meta, serving_dtype
+from serving.packaged import packaged_env
 from serving.preflight import Encoder, Limits, Preflight
 from serving.registry import production_tag
 from serving.schemas import Metadata, Prediction, Settings, split_items, texts_type
@@ -46,17 +47,8 @@ SETTINGS = Settings.from_env()
 
 
 def packaged_model_tag(service_file: Path = Path(__file__)) -> str | None:
-    """Inside a built bento (``<bento>/src/serving/service.py``): the ``L3M_MODEL_TAG`` the build
-    recorded in ``<bento>/bento.yaml``'s envs. ``bentoml serve <bento>`` does not export a
-    bento's envs (only a container does), and there is no ledger inside a bento."""
-    root = service_file.resolve().parents[2]
-    manifest = root / "bento.yaml"
-    if service_file.resolve().parents[1].name != "src" or not manifest.is_file():
-        return None
-    import yaml
-
-    envs = (yaml.safe_load(manifest.read_text(encoding="utf-8")) or {}).get("envs") or []
-    return next((str(e["value"]) for e in envs if e.get("name") == "L3M_MODEL_TAG" and e.get("value")), None)
+    """Inside a built bento: the ``L3M_MODEL_TAG`` the build recorded (``serving.packaged``)."""
+    return packaged_env("L3M_MODEL_TAG", service_file)
 
 
 def resolve_model_tag(settings: Settings, service_file: Path = Path(__file__)) -> str:
