@@ -37,7 +37,7 @@ BENTOFILE = ROOT / "serving" / "bentofile.yaml"
 MANIFEST_KEYS = ("fingerprint", "label_names", "majority_label", "text_pair")
 # The code a registration's outcome depends on: a change to any of them re-registers.
 REGISTER_CODE = ("serving/registry.py", "serving/promotion.py", "serving/model_io.py", "serving/ledger.py",
-                 "serving/bases.py", "l3m/stats.py", "l3m/evaluate.py", "flows/register.py")
+                 "serving/bases.py", "l3m/basefiles.py", "l3m/stats.py", "l3m/evaluate.py", "flows/register.py")
 
 
 def read_manifest(snapshot_dir: str | Path) -> dict[str, Any]:

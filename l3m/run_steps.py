@@ -124,6 +124,7 @@ def build_parts(cfg: RunConfig, tuner_spec: TunerSpec, seed: int, data: RunData,
         return iter(loader)
 
     tuner = build_tuner(tuner_spec)
+    tuner.base_revision = cfg.model.revision
     model = tuner.prepare(model, fisher_batches)
     groups = param_groups(model, t_cfg, tuner.optimizer_param_groups(model, t_cfg.lr, t_cfg.weight_decay))
     optimizer = torch.optim.AdamW(groups, lr=t_cfg.lr, betas=(t_cfg.adam_beta1, t_cfg.adam_beta2),

@@ -6,8 +6,10 @@ Registering one stores:
 
 * the base once, as ``l3m_base:<content digest prefix>`` in the same BentoML store: its weight,
   config and tokenizer files (the patterns of ``l3m.scoring.keys``), the digest a sha256 over
-  their names and contents, so the same files under two names or paths are one base. Not an
-  ``l3m-`` name: the registry's domain listing does not see it;
+  their names and contents (``l3m.basefiles``), so the same files under two names or paths are
+  one base. Not an ``l3m-`` name: the registry's domain listing does not see it. A domain file
+  records the digest of the base it was trained on; a base that no longer has it is refused
+  (``check_base``);
 * the domain's directory without the merged full weights a ``weight_mask`` run also wrote,
   plus ``base.json``: ``{"tag", "digest", "name", "files"}`` of its base.
 
@@ -20,7 +22,6 @@ multi-domain service can read ``base.json`` of each domain and load each base on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from l3m import basefiles
 from serving.model_io import ModelDirError, ModelMeta
 
 BASE_NAME = "l3m_base"
@@ -59,46 +61,50 @@ def is_compact(meta: ModelMeta) -> bool:
     return domain_file(meta) is not None
 
 
-def files_digest(files: list[Path]) -> str:
-    """sha256 over the files' names and contents (order-free): a base's content digest. Each
-    file's digest is cached on (path, size, mtime), so a stored base is hashed once a process."""
-    from l3m.scoring.keys import file_digest
-
-    parts = "".join(f"{f.name}\0{file_digest(f)}\n" for f in sorted(files, key=lambda f: f.name))
-    return hashlib.sha256(parts.encode()).hexdigest()
-
-
-# A base is stored as the registry stores every model: safetensors only (no pickle to load), with
-# its config and tokenizer. Other formats a hub clone carries (.bin, .h5, .msgpack) stay out.
-BASE_WEIGHTS = ("config.json", "model*.safetensors", "model.safetensors.index.json")
-
-
 def base_files(model_dir: Path) -> list[Path]:
-    """The files of a base model directory that define it: safetensors weights, config, tokenizer."""
-    from l3m.scoring.keys import TOKENIZER_PATTERNS
-
-    files = sorted({f for pat in (*BASE_WEIGHTS, *TOKENIZER_PATTERNS) for f in model_dir.glob(pat) if f.is_file()})
-    if not any(f.suffix == ".safetensors" for f in files):
-        raise ModelDirError(f"base model {model_dir}: no safetensors weights; the registry stores no pickle "
-                            "checkpoint (convert it with save_pretrained)")
-    return files
+    """The files of a base model directory that define it (``l3m.basefiles``): safetensors
+    weights, config, tokenizer; stored as the registry stores every model (no pickle)."""
+    try:
+        return basefiles.base_files(model_dir)
+    except FileNotFoundError as e:
+        raise ModelDirError(str(e)) from e
 
 
 def local_base(meta: ModelMeta) -> Path:
-    """The directory of the base ``meta`` was trained from (a hub id: its cached snapshot)."""
-    from l3m.tuning.trained import base_location
+    """The directory of the base ``meta`` was trained from (a hub id: its cached snapshot at
+    the run's ``model.revision``)."""
+    from l3m.tuning.trained import base_location, base_revision
 
     location = base_location(meta.raw)
-    if Path(location).is_dir():
-        return Path(location)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(location, revision=meta.base_revision, local_files_only=True))
-    except Exception as e:  # noqa: BLE001 - any miss is the same problem for the user
+    found = basefiles.base_dir(location, base_revision(meta.raw))
+    if found is None:
         raise ModelDirError(f"base model {meta.base_model!r} of this {meta.tuner} model is not on this machine "
                             f"({location}): a compact domain is stored with a reference to its base, which must be "
-                            f"there once; set L3M_MODEL_ROOT or fetch the model") from e
+                            f"there once; set L3M_MODEL_ROOT or fetch the model")
+    return found
+
+
+def check_base(meta: ModelMeta, src: Path) -> None:
+    """Refuse a compact domain whose base is no longer the one it was trained on: its domain
+    file records the base's digest (``base_digest``), compared here with the digest of the base
+    registering would store. A domain file without one (written before it was recorded, or over
+    a base training could not hash) is not checked."""
+    name = domain_file(meta)
+    if name is None or not (src / name).is_file():
+        return  # a full model; a compact one without its domain file is refused by copy_model_dir
+    from l3m.tuning.compact import read_meta
+
+    trained = read_meta(src / name).get("base_digest")
+    if not trained:
+        return
+    base = local_base(meta)
+    now = basefiles.files_digest(base_files(base))
+    if now != trained:
+        raise ModelDirError(
+            f"{src}: its base model {base} has changed since this {meta.tuner} model was trained (content digest "
+            f"now {now}, trained on {trained}): its {name} applied to this base would not be the trained "
+            f"classifier. Put the base it was trained on back at {base} (or point model.name_or_path / "
+            f"L3M_MODEL_ROOT at a copy of it), or retrain the model over the current base")
 
 
 def store_base(meta: ModelMeta, store: Any) -> BaseRef | None:
@@ -110,7 +116,7 @@ def store_base(meta: ModelMeta, store: Any) -> BaseRef | None:
     from bentoml.exceptions import NotFound
 
     files = base_files(local_base(meta))
-    content = files_digest(files)
+    content = basefiles.files_digest(files)
     ref = BaseRef(f"{BASE_NAME}:{content[:32]}", content, meta.base_model, [f.name for f in files])
     try:
         bentoml.models.get(ref.tag, _model_store=store)
@@ -173,7 +179,7 @@ def load_model(model_dir: str | Path, path_of: PathOf | None = None) -> Any:
     missing = [name for name in ref.files if not (base / name).is_file()]
     if missing:
         raise ModelDirError(f"{root}: its base {ref.tag} ({ref.name}) lacks {missing} in the store at {base}")
-    found = files_digest([base / name for name in ref.files])
+    found = basefiles.files_digest([base / name for name in ref.files])
     if found != ref.digest:
         raise ModelDirError(f"{root}: its base {ref.tag} ({ref.name}) has changed in the store (files digest "
                             f"{found[:12]}, registered {ref.digest[:12]}): the domain would not be the trained one")

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.bases import copy_model_dir, store_base
+from serving.bases import check_base, copy_model_dir, store_base
 from serving.ledger import add_event, domain_state, locked_ledger, now_iso, read_ledger
 from serving.model_io import ModelDirError, ModelMeta, RegistryError, check_model_dir, load_classifier
 from serving.promotion import (
@@ -192,6 +192,7 @@ def register(
         raise RegistryError(f"confidence {confidence:g}: must lie strictly between 0 and 1")
     meta = check_model_dir(model_dir)
     src = Path(model_dir)
+    check_base(meta, src)  # a compact model: its base is still the one it was trained on
     # Scoring happens under the ledger lock so production cannot change between being scored
     # and being compared with (a concurrent registration waits for this one).
     with locked_ledger(registry_home()) as ledger:

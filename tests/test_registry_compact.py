@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 from conftest_serving import build_tiny_model_dir
+from safetensors import safe_open
+from safetensors.torch import save_file
 from test_compact_serving import train_compact
 from test_serving import env
 
+from l3m import basefiles
 from serving import registry
 from serving.bases import BASE_NAME, BASE_REF, read_ref
 from serving.model_io import ModelDirError, load_classifier, predict
@@ -27,6 +30,15 @@ TEXTS = ["good great fine item x", "awful poor bad item y", "lovely dreadful ite
 def runs(tmp_path_factory, tiny_mlm_dir) -> dict[str, Path]:
     return {kind: train_compact(tmp_path_factory.mktemp(f"reg-{kind}"), tiny_mlm_dir, kind)
             for kind in ("weight_mask", "lora")}
+
+
+def set_base_digest(domain_file: Path, digest: str | None) -> None:
+    """Rewrite the base digest a domain file records (None: none, as before it was recorded)."""
+    with safe_open(str(domain_file), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["l3m"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no mapping
+    meta.pop("base_digest", None)
+    save_file(tensors, str(domain_file), metadata={"l3m": json.dumps(meta | ({"base_digest": digest} if digest else {}))})
 
 
 def _bases() -> list[str]:
@@ -62,6 +74,7 @@ def test_a_base_with_other_content_is_stored_again(runs, tiny_mlm_dir, tmp_path)
     meta = json.loads((moved / "l3m.json").read_text())
     meta["config"]["model"]["name_or_path"] = meta["base_model"] = str(other)
     (moved / "l3m.json").write_text(json.dumps(meta))
+    set_base_digest(moved / "lora.safetensors", basefiles.base_digest(other))  # as if trained over it
     with env(BENTOML_HOME=str(tmp_path / "home")):
         first = registry.register(runs["lora"]).tag
         again = registry.register(runs["lora"]).tag  # a second version over the same base

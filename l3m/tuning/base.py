@@ -52,6 +52,9 @@ class Tuner:
 
     def __init__(self, spec: TunerSpec) -> None:
         self.spec = spec
+        # The revision of the base model (``model.revision``; build_parts sets it): a compact
+        # tuner loads the base again at export, and must load the one it trained on.
+        self.base_revision: str | None = None
 
     def prepare(self, model: nn.Module, fisher_batches: FisherBatches | None = None) -> nn.Module:
         """Make ``model`` ready for training (wrap / freeze / estimate); returns the model to train."""
@@ -73,8 +76,9 @@ class Tuner:
         # A fine-tuned domain costs a whole model copy: the number weight_mask is compared to.
         return {"full_model_bytes": size, "task_bytes": size}
 
-    def rebuild(self, base_model_path: str | Path, out_dir: Path) -> nn.Module:
-        """The trained classifier from ``out_dir`` (the base is not needed for a full copy)."""
+    def rebuild(self, base_model_path: str | Path, out_dir: Path, revision: str | None = None) -> nn.Module:
+        """The trained classifier from ``out_dir`` (the base, at ``revision`` for a hub id, is not
+        needed for a full copy)."""
         return AutoModelForSequenceClassification.from_pretrained(str(out_dir)).eval()
 
 

@@ -19,24 +19,28 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from l3m.basefiles import base_digest
 from l3m.tuning.base import is_head_param, tensor_bytes
 
 
-def load_base(base_model_path: str | Path, config: Any) -> PreTrainedModel:
-    """The base checkpoint as a classifier; randomly initialised parts do not touch the global RNG."""
+def load_base(base_model_path: str | Path, config: Any, revision: str | None = None) -> PreTrainedModel:
+    """The base checkpoint (a hub id: at ``revision``) as a classifier; randomly initialised
+    parts do not touch the global RNG."""
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized weights" is expected here
     try:
         with torch.random.fork_rng(devices=[]):
-            return AutoModelForSequenceClassification.from_pretrained(str(base_model_path), config=config)
+            return AutoModelForSequenceClassification.from_pretrained(str(base_model_path), config=config,
+                                                                      revision=revision)
     finally:
         hf_logging.set_verbosity(verbosity)
 
 
-def base_extras(state: dict[str, torch.Tensor], base_model_path: str | Path, config: Any) -> dict[str, torch.Tensor]:
+def base_extras(state: dict[str, torch.Tensor], base_model_path: str | Path, config: Any,
+                revision: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of ``state`` (classifier names) that differ from, or are absent in, a fresh
     load of the base: what a rebuild must copy in. CPU, contiguous, ready for safetensors."""
-    reference = load_base(base_model_path, config).state_dict()
+    reference = load_base(base_model_path, config, revision).state_dict()
     return {
         k: v.detach().to("cpu").contiguous()
         for k, v in state.items()
@@ -51,6 +55,13 @@ def copy_extras(model: PreTrainedModel, tensors: dict[str, torch.Tensor], prefix
         for key, value in tensors.items():
             if key.startswith(prefix):
                 state[key.removeprefix(prefix)].copy_(value)
+
+
+def domain_meta(fmt: str, base: str | Path, revision: str | None) -> dict[str, Any]:
+    """The metadata every domain file starts with: its format, the base it was trained on and
+    that base's content digest (``l3m.basefiles``; None when it cannot be computed here, e.g. a
+    hub id not in the local cache), which the registry checks before storing the domain."""
+    return {"format": fmt, "base_model": str(base), "base_digest": base_digest(base, revision)}
 
 
 def write_domain_file(path: Path, parts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any],
@@ -68,12 +79,12 @@ def write_domain_file(path: Path, parts: dict[str, dict[str, torch.Tensor]], met
     }
 
 
-def load_domain_file(base_model_path: str | Path, out_dir: Path, name: str
+def load_domain_file(base_model_path: str | Path, out_dir: Path, name: str, revision: str | None = None
                      ) -> tuple[PreTrainedModel, dict[str, torch.Tensor], dict[str, Any]]:
     """The base loaded with the stored config and the extras copied in, the file's tensors and
     its metadata: what a compact tuner's ``rebuild`` starts from."""
     tensors = load_file(str(out_dir / name))
-    model = load_base(base_model_path, AutoConfig.from_pretrained(str(out_dir)))
+    model = load_base(base_model_path, AutoConfig.from_pretrained(str(out_dir)), revision)
     copy_extras(model, tensors)
     return model, tensors, read_meta(out_dir / name)
 

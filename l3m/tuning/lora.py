@@ -44,7 +44,7 @@ from l3m.tuning.base import (
     split_decay,
     tensor_bytes,
 )
-from l3m.tuning.compact import base_extras, load_domain_file, write_domain_file
+from l3m.tuning.compact import base_extras, domain_meta, load_domain_file, write_domain_file
 
 LORA_FILE = "lora.safetensors"
 FORMAT = "l3m.lora/1"
@@ -127,10 +127,9 @@ class LoraTuner(Tuner):
         adapters = {k: v.detach().to("cpu").contiguous()
                     for k, v in get_peft_model_state_dict(clf, adapter_name=ADAPTER).items()}
         plain = {_unwrapped(k): v for k, v in clf.state_dict().items() if ".lora_" not in k}
-        extras = base_extras(plain, base, clf.config)
+        extras = base_extras(plain, base, clf.config, self.base_revision)
         meta = {
-            "format": FORMAT,
-            "base_model": str(base),
+            **domain_meta(FORMAT, base, self.base_revision),
             "peft_version": peft.__version__,
             "lora": {"r": self.config.r, "lora_alpha": self.config.lora_alpha, "lora_dropout": self.config.lora_dropout,
                      "target_modules": sorted(self.targets), "bias": self.config.bias},
@@ -142,10 +141,10 @@ class LoraTuner(Tuner):
         return {"full_model_bytes": tensor_bytes(plain.values()), "adapter_bytes": tensor_bytes(adapters.values()),
                 **sizes}
 
-    def rebuild(self, base_model_path: str | Path, out_dir: Path) -> nn.Module:
+    def rebuild(self, base_model_path: str | Path, out_dir: Path, revision: str | None = None) -> nn.Module:
         """Base weights + stored extras + the stored adapters (unmerged) -> the trained classifier."""
         out_dir = Path(out_dir)
-        model, tensors, meta = load_domain_file(base_model_path, out_dir, LORA_FILE)
+        model, tensors, meta = load_domain_file(base_model_path, out_dir, LORA_FILE, revision)
         with torch.random.fork_rng(devices=[]):  # the adapters' random init is overwritten below
             inject_adapter_in_model(LoraConfig(**meta["lora"]), model, adapter_name=ADAPTER)
         adapters = {k.removeprefix("adapter/"): v for k, v in tensors.items() if k.startswith("adapter/")}

@@ -3,8 +3,8 @@
 A full classifier (``model.safetensors``: full, Child-Tuning, a weight_mask run's merged copy)
 loads with ``from_pretrained``; a compact domain without full weights (a lora run, or a
 registry's compact copy of a weight_mask or lora domain) is rebuilt over its base model by its
-tuner. The base is the one ``l3m.json`` names, resolved as training resolved it, unless the
-caller knows where its copy lives (a registry's shared base).
+tuner. The base is the one ``l3m.json`` names at its ``base_revision``, resolved as training
+resolved it, unless the caller knows where its copy lives (a registry's shared base).
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ def base_location(meta: dict[str, Any]) -> str:
     return ModelSpec(name_or_path=name).resolved()
 
 
+def base_revision(meta: dict[str, Any]) -> str | None:
+    """The revision of ``meta``'s base (``model.revision``; it matters for a hub id only)."""
+    return meta.get("base_revision") or (meta.get("config") or {}).get("model", {}).get("revision")
+
+
 def has_full_weights(model_dir: str | Path) -> bool:
     return any(Path(model_dir).glob("model*.safetensors"))
 
@@ -54,4 +59,6 @@ def load_trained(model_dir: str | Path, base: str | Path | None = None) -> nn.Mo
         return AutoModelForSequenceClassification.from_pretrained(str(root), use_safetensors=True).eval()
     if not (root / domain_file).is_file():
         raise FileNotFoundError(f"{root}: neither full weights (model.safetensors) nor {domain_file}")
-    return tuner_of(meta).rebuild(base or base_location(meta), root)
+    if base is not None:  # a local copy (a registry's stored base): no revision to resolve
+        return tuner_of(meta).rebuild(base, root)
+    return tuner_of(meta).rebuild(base_location(meta), root, base_revision(meta))

@@ -44,7 +44,7 @@ from l3m.tuning.base import (
     tensor_bytes,
     weights_bytes,
 )
-from l3m.tuning.compact import base_extras, load_domain_file, write_domain_file
+from l3m.tuning.compact import base_extras, domain_meta, load_domain_file, write_domain_file
 from l3m.tuning.packing import pack_mask, unpack_mask
 
 MASK_FILE = "weight_mask.safetensors"
@@ -191,11 +191,10 @@ class WeightMaskTuner(Tuner):
             merged[f"{name}.weight"] = module.merged_weight()
         clf.save_pretrained(out_dir, state_dict=merged)
 
-        extras = base_extras(raw, base, clf.config)
+        extras = base_extras(raw, base, clf.config, self.base_revision)
         packed = {name: pack_mask(m.mask()) for name, m in masked.items()}
         meta = {
-            "format": FORMAT,
-            "base_model": str(base),
+            **domain_meta(FORMAT, base, self.base_revision),
             "tau": self.spec.tau,
             "shapes": {n: list(m.weight.shape) for n, m in masked.items()},
             "sparsity": self.sparsity(clf),
@@ -203,10 +202,10 @@ class WeightMaskTuner(Tuner):
         sizes = write_domain_file(out_dir / MASK_FILE, {"mask": packed, "extra": extras}, meta, head_prefixes(clf))
         return {"full_model_bytes": weights_bytes(out_dir), "mask_bytes": tensor_bytes(packed.values()), **sizes}
 
-    def rebuild(self, base_model_path: str | Path, out_dir: Path) -> nn.Module:
+    def rebuild(self, base_model_path: str | Path, out_dir: Path, revision: str | None = None) -> nn.Module:
         """Base weights + stored extras + stored masks -> the trained classifier (plain Linear)."""
         out_dir = Path(out_dir)
-        model, tensors, meta = load_domain_file(base_model_path, out_dir, MASK_FILE)
+        model, tensors, meta = load_domain_file(base_model_path, out_dir, MASK_FILE, revision)
         with torch.no_grad():
             for name, shape in meta["shapes"].items():
                 weight = model.get_parameter(f"{name}.weight")
