@@ -8,7 +8,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup demo test test-slow test-all lint bench clean postgres
+.PHONY: setup demo demo-domains test test-slow test-all lint bench clean postgres
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ setup: $(BIN)/.installed
 
 demo: setup  ## the main job: the whole pipeline on the default domain (citation_intent, shared model, CPU)
 	$(BIN)/l3m run configs/demo.yaml
+
+demo-domains: setup  ## three domains (weight_mask / lora) over one base, one multi-domain bento
+	for d in citation_intent chemprot hyperpartisan; do $(BIN)/l3m run configs/domains/$$d.yaml || exit $$?; done
+	$(BIN)/l3m models build --multi --domains citation_intent,chemprot,hyperpartisan
 
 test: setup  ## the default test suite (slow tests excluded)
 	$(BIN)/python -m pytest -q
