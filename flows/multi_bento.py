@@ -71,7 +71,11 @@ def build_multi_bento(domains: list[str] | None = None) -> tuple[str, bool, dict
 @task(name="build-multi-bento", cache_policy=NONE, retries=1)
 def build_multi_bento_task(registered: dict[str, Any]) -> dict[str, Any]:
     """After a registration: the bento of every domain's production version (the one just
-    registered included when it was promoted)."""
+    registered included when it was promoted). No domain with one yet (a first model held back
+    as a candidate) builds nothing and fails nothing."""
+    if not any(s.get("production") for s in read_ledger(registry.registry_home())["domains"].values()):
+        return {"tag": None, "status": "not built (no domain has a production version)", "domains": {},
+                "includes_registered": False}
     tag, built, tags = build_multi_bento()
     get_run_logger().info("%s multi-domain bento %s: %s", "built" if built else "reused existing", tag,
                           format_domain_tags(tags))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -185,3 +186,49 @@ def test_a_collapsed_model_is_a_candidate_with_a_warning_and_is_not_packaged(tmp
     assert s["bento"] == "not built (candidate)"
     bentos = tmp_path / "bento" / "bentos"
     assert not bentos.exists() or not any(bentos.iterdir())
+
+
+def test_adapt_domain_runs_of_two_domains_feed_one_multi_domain_bento(tmp_path, toy_domain, tiny_mlm_dir):
+    """A lora domain and a weight_mask domain, each through `l3m run` with registry.multi_bento:
+    each run's summary names the bento of the production versions at its end (none yet: nothing
+    built, the run still succeeds), and the bento holds them over their one shared base."""
+    from serving import registry
+
+    env = _env(tmp_path)
+    summaries = {}
+    for name, tuner in (("toy", {"kind": "lora", "lora_lr": 1e-2}), ("toy2", {"kind": "weight_mask", "mask_lr": 1e-2})):
+        cfg = _write_config(tmp_path, toy_domain, tiny_mlm_dir, seeds=[1])
+        spec = yaml.safe_load(cfg.read_text())
+        spec["domain"]["name"] = name
+        spec["strategies"], spec["tuners"] = [{"kind": "none"}], [tuner]
+        spec["output_dir"] = str(tmp_path / "out" / name)
+        spec["registry"] = {"multi_bento": True}
+        cfg.write_text(yaml.safe_dump(spec))
+        proc = _run(cfg, env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summaries[name] = s = _summary(proc.stdout)
+        if name == "toy" and s["registered"]["stage"] != "production":
+            # A random 2-layer base with adapters need not beat the majority class in 2 epochs:
+            # then nothing is packaged, and the domain is promoted by hand for the second run.
+            assert s["multi_bento"] == {"tag": None, "status": "not built (no domain has a production version)",
+                                        "domains": {}}
+            with _bentoml_home(env):
+                registry.promote(s["registered"]["tag"], force=True)
+    with _bentoml_home(env):
+        want = {n: t for n in summaries if (t := registry.production_tag(n)) is not None}
+    assert want["toy"] == summaries["toy"]["registered"]["tag"]
+    assert want.get("toy2") == (summaries["toy2"]["registered"]["tag"]
+                                if summaries["toy2"]["registered"]["stage"] == "production" else None)
+    last = summaries["toy2"]["multi_bento"]
+    assert last["status"] == "built" and last["domains"] == want and last["tag"].startswith("l3m_domains:")
+    info = yaml.safe_load((tmp_path / "bento" / "bentos" / "l3m_domains" / last["tag"].split(":")[1]
+                           / "bento.yaml").read_text())
+    packaged = [m["tag"] for m in info["models"]]
+    assert sorted(t for t in packaged if not t.startswith("l3m_base:")) == sorted(want.values())
+    assert len([t for t in packaged if t.startswith("l3m_base:")]) == 1  # one base for both
+
+
+def _bentoml_home(env: dict[str, str]) -> contextlib.AbstractContextManager[None]:
+    from test_serving import env as set_env
+
+    return set_env(BENTOML_HOME=env["BENTOML_HOME"])
