@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -71,8 +73,11 @@ def free_port() -> int:
 
 
 def start_server(
-    home: Path, tag: str, batching: bool, log: Path, max_batch: int, dtype: str
+    home: Path, tag: str, batching: bool, log: Path, max_batch: int, dtype: str,
+    service: str = "serving.service:L3MClassifier", env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
+    """``bentoml serve`` of ``service`` on a free loopback port; ``env`` adds to its environment
+    (``L3M_DOMAINS`` for ``serving.multi_service:L3MDomains``)."""
     port = free_port()
     env = os.environ | {
         "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
@@ -80,8 +85,8 @@ def start_server(
         "L3M_TORCH_THREADS": os.environ.get("L3M_TORCH_THREADS", "1"),
         "L3M_BATCHING": "on" if batching else "off", "L3M_MAX_BATCH_SIZE": str(max_batch),
         "L3M_DTYPE": dtype,
-    }
-    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:L3MClassifier",
+    } | (env or {})
+    cmd = [sys.executable, "-m", "bentoml", "serve", service,
            "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -138,23 +143,28 @@ def _hostile_kinds() -> list[tuple[str, bytes, dict[str, str], int]]:
     return kinds
 
 
-async def run_load(url: str, texts: list[str], n: int, concurrency: int, offset: int = 0,
-                   hostile: bool = False) -> dict:
+async def run_load(url: str, texts: list[str], n: int | None, concurrency: int, offset: int = 0,
+                   hostile: bool = False, request_json: Callable[[int], dict] | None = None,
+                   seconds: float | None = None) -> dict:
     """n requests, at most `concurrency` in flight; one text per request. Raw measurements.
     With ``hostile``, every HOSTILE_EVERY-th request is a hostile one instead (not timed; its
-    status is checked against the expected one)."""
+    status is checked against the expected one). ``request_json(i)``: the i-th request's JSON instead of
+    one text; ``seconds``: no request is started after that long (n None: no count bound)."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     hostile_seen: dict[str, dict[int, int]] = {}
     unexpected = 0
     errors = 0
-    counter = iter(range(offset, offset + n))
+    counter = itertools.count(offset) if n is None else iter(range(offset, offset + n))
+    stop_at = None if seconds is None else time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
         async def worker() -> None:
             nonlocal errors, unexpected
             for i in counter:  # shared iterator: the whole run is bounded by n
+                if stop_at is not None and time.perf_counter() >= stop_at:
+                    return
                 if hostile and i % HOSTILE_EVERY == HOSTILE_EVERY - 1:
                     kind, body, headers, expected = hostile_request(i // HOSTILE_EVERY)
                     try:
@@ -165,7 +175,7 @@ async def run_load(url: str, texts: list[str], n: int, concurrency: int, offset:
                     seen[code] = seen.get(code, 0) + 1
                     unexpected += code != expected
                     continue
-                body_json = {"texts": [texts[i % len(texts)]]}
+                body_json = request_json(i) if request_json else {"texts": [texts[i % len(texts)]]}
                 t0 = time.perf_counter()
                 try:
                     r = await client.post("/classify", json=body_json)
