@@ -225,21 +225,33 @@ def models_verify(
     model: Annotated[str | None, typer.Option(help="tag or model directory (default: the tag /metadata names)")] = None,
     split: Annotated[str, typer.Option(help="split whose offline predictions to replay")] = "test",
     concurrency: Annotated[int, typer.Option(help="requests in flight")] = 8,
+    domain: Annotated[str | None, typer.Option(help="multi-domain service: only this domain (default: every one)")]
+    = None,
 ) -> None:
-    """Replay a split's offline-evaluation inputs against a running service; exit 1 on any label mismatch."""
+    """Replay a split's offline-evaluation inputs against a running service (each domain's, for a
+    multi-domain one); exit 1 on any label mismatch."""
     import httpx
 
     from serving.verify import verify
 
     try:
-        if model is None:
-            model = str(httpx.get(f"{url.rstrip('/')}/metadata", timeout=30).raise_for_status().json()["model_tag"])
-        path = Path(model) if Path(model).is_dir() else Path(_registry().show(model)["path"])
-        report = verify(url, path, split, concurrency=concurrency)
+        meta = httpx.get(f"{url.rstrip('/')}/metadata", timeout=30).raise_for_status().json()
+        if "domains" in meta:  # serving.multi_service: each domain against its own version's predictions
+            served = {d["domain"]: d["model_tag"] for d in meta["domains"]}
+            if domain is not None and domain not in served:
+                raise RuntimeError(f"domain {domain!r} is not served; served: {sorted(served)}")
+            targets = [(d, model or t) for d, t in sorted(served.items()) if domain in (None, d)]
+        else:
+            targets = [(None, model or str(meta["model_tag"]))]
+        reports = []
+        for name, tag in targets:
+            path = Path(tag) if Path(tag).is_dir() else Path(_registry().show(tag)["path"])
+            reports.append(({"domain": name} if name else {}) | {"model": tag}
+                           | verify(url, path, split, concurrency=concurrency, domain=name).to_dict())
     except (_registry().RegistryError, FileNotFoundError, httpx.HTTPError, RuntimeError) as e:
         _fail(e)
-    _echo({"model": model, **report.to_dict()})
-    if not report.ok:
+    _echo(reports[0] if len(reports) == 1 and "domain" not in reports[0] else reports)
+    if not all(r["ok"] for r in reports):
         raise typer.Exit(1)
 
 

@@ -51,7 +51,8 @@ def _payload_item(rec: dict[str, Any]) -> Any:
 
 
 async def _classify_all(
-    url: str, records: list[dict[str, Any]], texts_per_request: int, concurrency: int, timeout: float
+    url: str, records: list[dict[str, Any]], texts_per_request: int, concurrency: int, timeout: float,
+    domain: str | None = None,
 ) -> list[dict[str, Any]]:
     import httpx
 
@@ -60,7 +61,10 @@ async def _classify_all(
 
     async def post(client: httpx.AsyncClient, part: list[dict[str, Any]]) -> list[dict[str, Any]]:
         async with gate:
-            resp = await client.post(f"{base}/classify", json={"texts": [_payload_item(r) for r in part]})
+            body: dict[str, Any] = {"texts": [_payload_item(r) for r in part]}
+            if domain is not None:  # a multi-domain service (serving.multi_service)
+                body["domain"] = domain
+            resp = await client.post(f"{base}/classify", json=body)
         if resp.status_code != 200:
             raise RuntimeError(f"/classify answered {resp.status_code}: {resp.text[:300]}")
         return list(resp.json())
@@ -95,8 +99,10 @@ def verify(
     texts_per_request: int = 4,
     concurrency: int = 8,
     timeout: float = 120.0,
+    domain: str | None = None,
 ) -> VerifyReport:
-    """Send ``split``'s stored offline inputs to the service at ``url`` and compare predictions."""
+    """Send ``split``'s stored offline inputs to the service at ``url`` (as ``domain``'s, for a
+    multi-domain service) and compare predictions."""
     offline = read_predictions(predictions_path(model_path, split))
-    served = asyncio.run(_classify_all(url, offline, texts_per_request, concurrency, timeout))
+    served = asyncio.run(_classify_all(url, offline, texts_per_request, concurrency, timeout, domain))
     return compare(split, offline, served)

@@ -138,4 +138,17 @@ def test_the_exported_bento_serves_its_packaged_versions_elsewhere(home, built, 
                 assert g["score"] == pytest.approx(w["probabilities"][g["label"]], abs=1e-5)
         r = httpx.post(f"{url}/classify", json={"texts": TEXTS, "domain": "nope"}, timeout=30)
         assert r.status_code == 404 and sorted(r.json()["domains"]) == sorted(tags)
+        # `l3m models verify` against the multi-domain service: every domain's stored offline
+        # test predictions replayed as that domain's requests.
+        from typer.testing import CliRunner
+
+        from flows.cli import app
+
+        res = CliRunner().invoke(app, ["models", "verify", "--url", url])
+        assert res.exit_code == 0, res.output
+        reports = json.loads(res.output)
+        assert {r["domain"]: r["model"] for r in reports} == tags
+        assert all(r["ok"] and r["n"] == 12 and r["max_prob_diff"] < 1e-5 for r in reports), reports
+        res = CliRunner().invoke(app, ["models", "verify", "--url", url, "--domain", "nope"])
+        assert res.exit_code == 2 and "'nope' is not served" in res.output
     assert "packaged versions" in (tmp_path / "serve.log").read_text()
