@@ -66,6 +66,7 @@ def summarize(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 def table_markdown(rows: Iterable[dict[str, Any]], baseline: dict[str, Any] | None = None) -> str:
+    rows = list(rows)
     lines = ["| strategy | tuner | seeds | test acc | test macro-F1 | dev acc | dev macro-F1 | realised mask rate | step ms |",
              "|---|---|---|---|---|---|---|---|---|"]
 
@@ -82,8 +83,9 @@ def table_markdown(rows: Iterable[dict[str, Any]], baseline: dict[str, Any] | No
         lines.append(f"| majority class ({baseline['name']}) | - | - | {100 * t['accuracy']:.2f} | "
                      f"{100 * t['macro_f1']:.2f} | {100 * d['accuracy']:.2f} | {100 * d['macro_f1']:.2f} | - | - |")
         lines.append("")
-        above = [f"{LABELS.get(r['strategy'], r['strategy'])} {'yes' if r['dev_macro_f1_mean'] > 100 * d['macro_f1'] else 'NO'}"
-                 for r in rows]
+        several = len({r["tuner"] for r in rows}) > 1  # then each row is named with its tuner
+        above = [f"{LABELS.get(r['strategy'], r['strategy'])}{' / ' + r['tuner'] if several else ''} "
+                 f"{'yes' if r['dev_macro_f1_mean'] > 100 * d['macro_f1'] else 'NO'}" for r in rows]
         lines.append(f"Dev macro-F1 above the majority baseline ({100 * d['macro_f1']:.2f}): {', '.join(above)}.")
     return "\n".join(lines) + "\n"
 

@@ -372,3 +372,15 @@ def test_the_same_difference_on_every_seed_is_not_called_significant():
     got = seed_test([0.800, 0.705], [0.795, 0.700], names=("L3", "STL"))
     assert got.verdict == "not tested (no spread across seeds)" and got.higher == 2
     assert np.isnan(got.p_value) and abs(got.diff - 0.5) < 1e-9
+
+
+def test_the_baseline_check_names_the_tuner_when_a_table_has_several():
+    row = {"strategy": "none", "seeds": 5, "realised_rate": 0.0, "median_step_ms": 1.0,
+           **{f"{s}_{m}_{k}": 20.0 for s in ("test", "dev") for m in ("accuracy", "macro_f1") for k in ("mean", "std")}}
+    base = {"name": "neg", **{s: {"accuracy": 0.5, "macro_f1": 0.25} for s in ("test", "dev")}}
+    rows = [row | {"tuner": "full"}, row | {"tuner": "lora", "dev_macro_f1_mean": 11.0}]
+    md = results.table_markdown(iter(rows), base)
+    assert "Dev macro-F1 above the majority baseline (25.00): STL / full NO, STL / lora NO." in md
+    rows[0]["dev_macro_f1_mean"] = 30.0
+    assert "(25.00): STL / full yes, STL / lora NO." in results.table_markdown(rows, base)
+    assert "(25.00): STL yes." in results.table_markdown(rows[:1], base)
