@@ -69,6 +69,38 @@ def test_packages_every_production_domain_and_each_base_once(home, built):
     assert [p.name for p in (home / "bentos" / "l3m_domains").iterdir() if p.is_dir()] == [tag.split(":")[1]]
 
 
+# Run in the bento's src/ with the repository's editable install switched off: every l3m /
+# serving module the services import, at import and while loading domains, must be packaged.
+WITHOUT_REPO = """
+import json, pathlib, sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+src, tags = sys.argv[1], json.loads(sys.argv[2])
+import bentoml
+import serving.multi_service, serving.service  # module-level imports (the single service's too)
+from serving.domains import DomainSet
+ds = DomainSet(None, lambda t: bentoml.models.get(t).path, lambda t: pathlib.Path(bentoml.models.get(t).path), tags)
+ds.refresh(force=True)
+assert ds.names() == sorted(tags), ds.names()
+outside = [m.__file__ for n, m in list(sys.modules.items()) if n.split(".")[0] in ("l3m", "serving", "flows")
+           and getattr(m, "__file__", None) and not m.__file__.startswith(src)]
+assert not outside, outside
+print("ok")
+"""
+
+
+def test_the_packaged_code_runs_without_the_repository(home, built):
+    import subprocess
+    import sys
+
+    tag, _, tags = built
+    src = _bento_dir(home, tag) / "src"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "L3M_DOMAINS", "L3M_DOMAIN_TAGS")}
+    env["L3M_MODEL_TAG"] = tags["wm_a"]  # serving.service resolves its model at import
+    res = subprocess.run([sys.executable, "-c", WITHOUT_REPO, str(src), json.dumps(tags)], cwd=src, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 def test_a_promotion_or_a_serving_code_change_makes_a_new_multi_bento(home, built, trained, tmp_path,  # noqa: F811
                                                                       monkeypatch):
     import flows.register as fr

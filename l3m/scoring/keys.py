@@ -15,24 +15,12 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+# The tokenizer file patterns and the cached file digest live with the base files (light, and
+# packaged into bentos, which hash a compact domain's base): re-exported here for the score keys.
+from l3m.basefiles import TOKENIZER_PATTERNS, file_digest
+
 # Files whose bytes define a model's weights / its tokenizer, in a local model directory.
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.h5", "*.msgpack", "config.json")
-# Every file a tokenizer of any family may load: tokenizer.json and its configs, WordPiece /
-# byte-level BPE vocabularies and merges, and the SentencePiece models under each family's name
-# (spm.model, spiece.model, sentencepiece.bpe.model, tokenizer.model) and tiktoken files.
-TOKENIZER_PATTERNS = (
-    "tokenizer*.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template*",
-    "vocab*.txt",
-    "vocab*.json",
-    "merges*.txt",
-    "bpe.codes",  # BERTweet and PhoBERT's BPE merges
-    "*.model",
-    "*.tiktoken",
-)
-_CHUNK = 1 << 20
 HUB_TIMEOUT_S = 10.0
 # Part of every score key: bumped when the scoring code computes different scores for the same
 # model, text and settings (stored scores then recompute). SCORING_CODE pins the code the version
@@ -43,19 +31,6 @@ SCORING_CODE = {"version": 1, "digest": "8ad4b88abfdedffe9dae2bc8e7b47176733b828
 SCORING_MODULES = ("plans.py", "engine.py", "packed.py", "generic.py", "heads.py", "onednn.py")
 
 
-@lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file; cached on (path, size, mtime) so a process hashes each model once."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    st = path.stat()
-    return _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def model_fingerprint(model_path_or_name: str, revision: str | None = None) -> dict[str, str]:
