@@ -25,7 +25,8 @@ demo: setup  ## the main job: the whole pipeline on the default domain (citation
 
 demo-domains: setup  ## three domains (weight_mask / lora) over one base, one multi-domain bento
 	for d in citation_intent chemprot hyperpartisan; do $(BIN)/l3m run configs/domains/$$d.yaml || exit $$?; done
-	$(BIN)/l3m models build --multi --domains citation_intent,chemprot,hyperpartisan
+	$(BIN)/l3m models list
+	$(BIN)/bentoml list l3m_domains
 
 test: setup  ## the default test suite (slow tests excluded)
 	$(BIN)/python -m pytest -q
