@@ -173,6 +173,16 @@ def load_served(tag: str, path: Path, pool: BasePool) -> Served:
     return Served(tag, meta, model, tokenizer, path, owned_bytes(model, shared))
 
 
+def encoder_key(served: Served, max_chars: int) -> str:
+    """What a version's request encoding depends on: its tokenizer files' contents, max_length
+    and the text bound (``max_chars``). Versions with one key (every domain over one base,
+    typically) can share one set of tokenizers instead of loading their own."""
+    from l3m.basefiles import TOKENIZER_PATTERNS, files_digest
+
+    files = sorted({f for pat in TOKENIZER_PATTERNS for f in Path(served.path).glob(pat) if f.is_file()})
+    return f"{files_digest(files)}:{served.meta.max_length}:{max_chars}"
+
+
 def production_tags() -> dict[str, str]:
     """domain -> its production version, from the registry's ledger."""
     from serving.ledger import read_ledger

@@ -35,7 +35,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from serving import connections
 from serving.batcher import MicroBatcher
-from serving.domains import DomainSet, Served, UnknownDomain
+from serving.domains import DomainSet, Served, UnknownDomain, encoder_key
 from serving.guard import RequestGuard, answered, error_response, install_client_error_log_filter
 from serving.model_io import predict, predict_encoded, serving_dtype
 from serving.packaged import DOMAIN_TAGS_ENV, packaged_env, parse_domain_tags
@@ -50,8 +50,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SETTINGS = Settings.from_env()
-# A retired version's tokenizer threads are closed this long after its swap: longer than any
-# request may take (the traffic timeout), so no request still holding it is cut off.
+# A preflight no served version uses any more is closed this long after: longer than any request
+# may take (the traffic timeout), so no request still holding its version is cut off.
 RETIRE_AFTER_S = 150
 
 
@@ -100,9 +100,13 @@ def _store_path(tag: str) -> str:
     return str(bentoml.models.get(tag).path)
 
 
+def _max_chars(served: Served) -> int:
+    return SETTINGS.max_text_chars or default_max_chars(served.meta.max_length)
+
+
 def _preflight(served: Served) -> Preflight:
-    """The tokenizer lanes of one served version (``serving.preflight``), one tokenizer per lane."""
-    max_chars = SETTINGS.max_text_chars or default_max_chars(served.meta.max_length)
+    """The tokenizer lanes for ``served``'s encoder key (``serving.preflight``), one tokenizer per lane."""
+    max_chars = _max_chars(served)
 
     def make_encoder() -> Any:
         from transformers import AutoTokenizer
@@ -142,8 +146,11 @@ class L3MDomains:
         if SETTINGS.torch_threads > 0:
             torch.set_num_threads(SETTINGS.torch_threads)
         self.dtype = serving_dtype(SETTINGS.dtype, "cpu")  # load_classifier loads on the CPU
+        # Preflights by encoder key (shared by the versions with that key), the key of each
+        # version loaded, and when a key stopped being used by any served version.
         self._preflights: dict[str, Preflight] = {}
-        self._retired: list[tuple[float, Preflight]] = []
+        self._key_of: dict[str, str] = {}
+        self._unused_since: dict[str, float] = {}
         self.domains = DomainSet(WANTED, _store_path, lambda tag: Path(bentoml.models.get(tag).path), PACKAGED)
         self.domains.refresh(force=True, prepare=self._warm)
         if not self.domains.served:
@@ -166,7 +173,7 @@ class L3MDomains:
     def _shutdown(self) -> None:
         self._stop.set()
         self.batcher.close()
-        for pre in [*self._preflights.values(), *(p for _, p in self._retired)]:
+        for pre in self._preflights.values():
             pre.close()
         unregister_worker()
 
@@ -175,20 +182,32 @@ class L3MDomains:
         # initialisation is not a user's wait).
         pair = ["warm up"] if served.meta.text_pair else None
         predict(served.model, served.tokenizer, served.meta, ["warm up"], pair, dtype=self.dtype)
-        self._preflights[served.tag] = _preflight(served)
+        key = encoder_key(served, _max_chars(served))
+        if key not in self._preflights:
+            self._preflights[key] = _preflight(served)
+            logger.info("tokenizer lanes for %s (shared with later versions of the same tokenizer files, "
+                        "max_length and text bound)", served.tag)
+        self._key_of[served.tag] = key
 
     def _follow(self) -> None:
         """The registry follower: swaps in new production versions, retires old tokenizer lanes."""
         while not self._stop.wait(RELOAD_S):
             try:
                 self.domains.refresh(prepare=self._warm)  # each swap is logged there
-                live = {s.tag for s in self.domains.served.values()}
-                for tag in [t for t in self._preflights if t not in live]:
-                    self._retired.append((time.monotonic(), self._preflights.pop(tag)))
-                while self._retired and time.monotonic() - self._retired[0][0] > RETIRE_AFTER_S:
-                    self._retired.pop(0)[1].close()
+                self._retire_unused(time.monotonic())
             except Exception:  # noqa: BLE001 - the follower must outlive a bad registry read
                 logger.exception("following the registry failed; serving the versions loaded so far")
+
+    def _retire_unused(self, now: float) -> None:
+        """Close the preflights no served version has used for RETIRE_AFTER_S."""
+        live = {self._key_of[s.tag] for s in self.domains.served.values()}
+        for key in list(self._preflights):
+            if key in live:
+                self._unused_since.pop(key, None)
+            elif now - self._unused_since.setdefault(key, now) > RETIRE_AFTER_S:
+                self._preflights.pop(key).close()
+                del self._unused_since[key]
+                self._key_of = {t: k for t, k in self._key_of.items() if k != key}
 
     def _predict(self, items: list[tuple[Served, Encoded]]) -> list[dict[str, object]]:
         served = items[0][0]  # a batch holds one key: one domain version
@@ -205,7 +224,7 @@ class L3MDomains:
 
         async def work() -> list[dict[str, object]]:
             plain, pairs = _items(served, texts)
-            rows = await self._preflights[served.tag].encode(client, plain, pairs)
+            rows = await self._preflights[self._key_of[served.tag]].encode(client, plain, pairs)
             return await self.batcher.submit([(served, r) for r in rows], key=served.meta.domain)
 
         return await answered(ctx, client, work())  # predictions, or an error response

@@ -144,6 +144,25 @@ def test_each_domain_serves_its_offline_predictions_over_one_resident_base(home,
         assert ds.get(name).owned_bytes < ds.pool.bytes() / 4
 
 
+def test_domains_with_the_same_tokenizer_files_share_an_encoder_key(home, tmp_path):
+    """The service loads one set of tokenizer lanes per encoder key, not per domain."""
+    import dataclasses
+
+    from serving.domains import encoder_key
+
+    ds = _domain_set(home, None)
+    wm, lo = ds.get("wm_a"), ds.get("lora_b")
+    assert wm.path != lo.path and encoder_key(wm, 1000) == encoder_key(lo, 1000)
+    assert encoder_key(wm, 1000) != encoder_key(wm, 2000)  # another text bound
+    longer = dataclasses.replace(wm, meta=dataclasses.replace(wm.meta, max_length=wm.meta.max_length + 1))
+    assert encoder_key(longer, 1000) != encoder_key(wm, 1000)
+    other = tmp_path / "tok"
+    shutil.copytree(wm.path, other)
+    vocab = next(other.glob("vocab*.txt"), None) or next(other.glob("tokenizer.json"))
+    vocab.write_text(vocab.read_text() + "\n")  # other tokenizer contents
+    assert encoder_key(dataclasses.replace(wm, path=other), 1000) != encoder_key(wm, 1000)
+
+
 def test_unknown_or_missing_domain_names_the_served_ones(home):
     ds = _domain_set(home, None)
     with pytest.raises(UnknownDomain, match=r"'nope' is not served; served: \['lora_b', 'wm_a'\]"):

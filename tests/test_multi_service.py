@@ -104,3 +104,5 @@ def test_promotion_rollback_and_new_domain_reach_the_running_service_with_no_fai
     log = server_log.read_text()
     assert f"domain lora_b: {old} -> {new}" in log and f"domain lora_b: {new} -> {old}" in log
     assert f"domain wm_c: (new) -> {added}" in log
+    # Every version above (4 of 3 domains) has the same tokenizer files: one set of lanes for all.
+    assert log.count("tokenizer lanes for ") == 1
