@@ -21,7 +21,7 @@ from prefect.cache_policies import NONE
 from flows.register import bento_exists, bento_inputs_digest, bentofile_spec, run_bentoml_build
 from serving import registry
 from serving.bases import read_ref
-from serving.ledger import read_ledger, registration_lock
+from serving.ledger import registration_lock
 from serving.packaged import DOMAIN_TAGS_ENV, format_domain_tags
 from serving.registry import RegistryError
 
@@ -32,8 +32,7 @@ MULTI_SERVICE = "serving.multi_service:L3MDomains"
 def production_versions(domains: list[str] | None = None) -> dict[str, str]:
     """{domain: production tag} of ``domains`` (None: every domain with a production version);
     a named domain without one is a RegistryError naming the domains that have one."""
-    ledger = read_ledger(registry.registry_home())["domains"]
-    production = {d: s["production"] for d, s in ledger.items() if s.get("production")}
+    production = registry.production_tags()
     if domains is None:
         if not production:
             raise RegistryError("no domain has a production version to package (`l3m models list`)")
@@ -73,11 +72,9 @@ def build_multi_bento_task(registered: dict[str, Any]) -> dict[str, Any]:
     """After a registration: the bento of every domain's production version (the one just
     registered included when it was promoted). No domain with one yet (a first model held back
     as a candidate) builds nothing and fails nothing."""
-    if not any(s.get("production") for s in read_ledger(registry.registry_home())["domains"].values()):
-        return {"tag": None, "status": "not built (no domain has a production version)", "domains": {},
-                "includes_registered": False}
+    if not registry.production_tags():
+        return {"tag": None, "status": "not built (no domain has a production version)", "domains": {}}
     tag, built, tags = build_multi_bento()
     get_run_logger().info("%s multi-domain bento %s: %s", "built" if built else "reused existing", tag,
                           format_domain_tags(tags))
-    return {"tag": tag, "status": "built" if built else "exists (nothing changed)", "domains": tags,
-            "includes_registered": tags.get(registered["domain"]) == registered["tag"]}
+    return {"tag": tag, "status": "built" if built else "exists (nothing changed)", "domains": tags}

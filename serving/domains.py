@@ -183,15 +183,6 @@ def encoder_key(served: Served, max_chars: int) -> str:
     return f"{files_digest(files)}:{served.meta.max_length}:{max_chars}"
 
 
-def production_tags() -> dict[str, str]:
-    """domain -> its production version, from the registry's ledger."""
-    from serving.ledger import read_ledger
-    from serving.registry import registry_home
-
-    domains = read_ledger(registry_home())["domains"]
-    return {d: s["production"] for d, s in domains.items() if s.get("production")}
-
-
 def ledger_stamp() -> tuple[int, int, int] | None:
     """(inode, mtime_ns, size) of the ledger: a refresh only re-reads it when this changes."""
     from serving.ledger import LEDGER_FILE
@@ -248,7 +239,12 @@ class DomainSet:
             if stamp == self._stamp and not force:
                 return []
             self._stamp = stamp
-            tags = dict(self.packaged) if self.packaged is not None else production_tags()
+            if self.packaged is not None:
+                tags = dict(self.packaged)
+            else:
+                from serving.registry import production_tags
+
+                tags = production_tags()
             missing = [d for d in self.wanted or [] if d not in tags]
             if missing:
                 logger.warning("no production version in the registry for %s", missing)

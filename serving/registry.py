@@ -283,6 +283,12 @@ def production_tag(domain: str) -> str | None:
     return domain_state(read_ledger(registry_home()), domain)["production"]
 
 
+def production_tags() -> dict[str, str]:
+    """domain -> its production version, for every domain that has one."""
+    domains = read_ledger(registry_home())["domains"]
+    return {d: st["production"] for d, st in domains.items() if st.get("production")}
+
+
 def current_stage(tag: str) -> tuple[str, str]:
     """(stage, reason) of a registered version now: promote/rollback since its registration
     changed them in the ledger, not in a result returned then."""
